@@ -1,0 +1,17 @@
+"""sa-kernels: fused Shuffle Attention (SA-Net, arXiv 2102.00240) for PyTorch."""
+from . import ops  # noqa: F401  (registers torch.ops.sa_kernels.*)
+from .backends import BackendUnavailableError, available_backends
+from .functional import shuffle_attention
+from .module import FusedShuffleAttention, fuse_model
+from .reference import ShuffleAttention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "FusedShuffleAttention",
+    "ShuffleAttention",
+    "available_backends",
+    "fuse_model",
+    "shuffle_attention",
+]

@@ -1,0 +1,86 @@
+"""The ``sa_kernels`` torch.library ops: forward, backward, their fake kernels and autograd.
+
+The schemas live here, in Python, because they must exist whether or not the
+CUDA extension was built. Each op's implementation hands the work to the
+backend chosen at run time (``backends.resolve``), so ``"auto"`` and the
+``SA_KERNELS_BACKEND`` variable are honoured in eager mode and inside compiled
+graphs alike, and the graph holds one opaque node per op: no graph break.
+"""
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends
+from ._checks import check_inputs
+
+
+def _stats_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("sa_kernels::forward", mutates_args=())
+def forward(x: Tensor, cweight: Tensor, cbias: Tensor, sweight: Tensor, sbias: Tensor,
+            gn_weight: Tensor, gn_bias: Tensor, groups: int, eps: float,
+            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, mean, rstd): the output and the per-(b, c) plane statistics saved for backward."""
+    params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
+    check_inputs(x, params, groups)
+    return backends.resolve(backend, x.device).forward(x, *params, groups, eps)
+
+
+@forward.register_fake
+def _forward_fake(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps, backend):
+    check_inputs(x, (cweight, cbias, sweight, sbias, gn_weight, gn_bias), groups)
+    stats = x.new_empty(x.shape[:2], dtype=_stats_dtype(x))
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("sa_kernels::backward", mutates_args=())
+def backward(grad_out: Tensor, x: Tensor, cweight: Tensor, cbias: Tensor, sweight: Tensor,
+             sbias: Tensor, gn_weight: Tensor, gn_bias: Tensor, mean: Tensor, rstd: Tensor,
+             groups: int, eps: float, backend: str
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dcweight, dcbias, dsweight, dsbias, dgn_weight, dgn_bias)."""
+    params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
+    _check_backward_inputs(grad_out, x, params, mean, rstd, groups)
+    return backends.resolve(backend, x.device).backward(
+        grad_out, x, *params, mean, rstd, groups, eps)
+
+
+@backward.register_fake
+def _backward_fake(grad_out, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, mean, rstd,
+                   groups, eps, backend):
+    params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
+    _check_backward_inputs(grad_out, x, params, mean, rstd, groups)
+    return (torch.empty_like(x),) + tuple(torch.empty_like(p) for p in params)
+
+
+def _check_backward_inputs(grad_out, x, params, mean, rstd, groups):
+    check_inputs(x, params, groups)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out has shape {tuple(grad_out.shape)}, expected x's shape {tuple(x.shape)}")
+    if grad_out.device != x.device:
+        raise ValueError(f"grad_out is on {grad_out.device}, expected x's device {x.device}")
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if t.shape != x.shape[:2] or t.dtype != _stats_dtype(x):
+            raise ValueError(
+                f"{name} must be the forward's statistics of shape {tuple(x.shape[:2])} and dtype "
+                f"{_stats_dtype(x)}, got shape {tuple(t.shape)} and dtype {t.dtype}")
+
+
+def _setup_context(ctx, inputs, output):
+    x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, mean, rstd)
+    ctx.groups, ctx.eps, ctx.backend = groups, eps, backend
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    grads = torch.ops.sa_kernels.backward(grad_out, *ctx.saved_tensors, ctx.groups, ctx.eps, ctx.backend)
+    grads = tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
+    return grads + (None, None, None)
+
+
+forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,40 @@
+"""Shared fixtures: seeded RNGs, devices, dtypes, backends and per-dtype tolerances."""
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported (torch._dynamo imports it), so
+# choose the interpreter here, before anything else can: without a GPU, the Triton kernels
+# then run on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import sa_kernels  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test draws fresh random inputs from a fixed seed, so a failure reproduces."""
+    torch.manual_seed(0)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(0)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=[torch.float32, torch.float64] + HALF_DTYPES, ids=str)
+def dtype(request):
+    return request.param
+
+
+def backends_on(device):
+    """Backends to test on ``device``: every available one (the Triton interpreter counts on CPU)."""
+    return sa_kernels.available_backends(device)
