@@ -35,6 +35,19 @@ def dtype(request):
     return request.param
 
 
-def backends_on(device):
-    """Backends to test on ``device``: every available one (the Triton interpreter counts on CPU)."""
-    return sa_kernels.available_backends(device)
+
+# Under the interpreter a Triton program takes about a millisecond, so the broad shape grids
+# skip it there; tests/test_triton.py covers every Triton path on interpreter-sized shapes.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(params=sa_kernels.backends.BACKENDS)
+def backend(request, device):
+    """Each backend that can run on ``device``; skipped with the backend's own reason otherwise."""
+    name = request.param
+    reason = sa_kernels.backends.unavailable_reason(name, device)
+    if reason is not None:
+        pytest.skip(reason)
+    if name == "triton" and device.type == "cpu":
+        pytest.skip("Triton interpreter: broad grids are too slow; see tests/test_triton.py")
+    return name

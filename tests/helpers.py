@@ -1,0 +1,91 @@
+"""Test helpers shared by every backend's tests: random modules, the float64 reference, tolerances."""
+import torch
+
+import sa_kernels
+
+# Elementwise tolerances for out and dx against the float64 reference run on the same
+# (rounded) inputs. Half-precision results are computed in float32 and rounded once on
+# store, so they sit within about one unit of their format's rounding.
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+    torch.float32: dict(atol=1e-5, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+# Parameter gradients are float32 (float64) sums over B * G * H * W exact products, so
+# they stay close even for half-precision x: compared by relative error of the norm.
+PARAM_GRAD_RTOL = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.float16: 2e-5,
+    torch.bfloat16: 2e-5,
+}
+
+PARAM_NAMES = ("cweight", "cbias", "sweight", "sbias", "gn.weight", "gn.bias")
+
+
+def random_reference(channel, G, device="cpu", dtype=torch.float32):
+    """A reference module whose six parameters are random (the defaults would zero two branches)."""
+    ref = sa_kernels.ShuffleAttention(channel, G=G).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.8 + 0.2)
+    return ref
+
+
+def random_input(shape, dtype, device, memory_format=torch.contiguous_format):
+    """Non-zero-mean, non-unit-scale random input, so centring and scaling are exercised."""
+    x = torch.randn(shape, device=device, dtype=torch.float64) * 1.7 + 0.6
+    return x.to(dtype).contiguous(memory_format=memory_format)
+
+
+def reference_outputs(ref, x, dy):
+    """Forward and all gradients of the reference in float64 on x's (already rounded) values."""
+    ref64 = _float64_copy(ref)
+    x64 = x.detach().to(torch.float64).requires_grad_()
+    out = ref64(x64)
+    out.backward(dy.to(torch.float64))
+    return out.detach(), x64.grad, {n: p.grad for n, p in ref64.named_parameters()}
+
+
+def fused_outputs(fused, x, dy):
+    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    fused.zero_grad(set_to_none=True)
+    out = fused(x)
+    out.backward(dy)
+    return out.detach(), x.grad, {n: p.grad for n, p in fused.named_parameters()}
+
+
+def assert_matches_reference(ref, fused, x, dy=None):
+    """Forward, dx and all six parameter gradients of ``fused`` against the float64 reference."""
+    if dy is None:
+        dy = random_input(x.shape, x.dtype, x.device)
+    out, dx, grads = fused_outputs(fused, x, dy)
+    ref_out, ref_dx, ref_grads = reference_outputs(ref, x, dy)
+    tol = TOLERANCES[x.dtype]
+    assert out.dtype == x.dtype and dx.dtype == x.dtype
+    torch.testing.assert_close(out.to(torch.float64), ref_out, **tol, msg=lambda m: f"forward: {m}")
+    torch.testing.assert_close(dx.to(torch.float64), ref_dx, **tol, msg=lambda m: f"dx: {m}")
+    for name in PARAM_NAMES:
+        assert_rel_close(grads[name], ref_grads[name], PARAM_GRAD_RTOL[x.dtype], name)
+    return out, dx, grads
+
+
+def assert_rel_close(actual, expected, rtol, what=""):
+    """‖actual − expected‖ ≤ rtol · ‖expected‖ (plus a floor for all-but-zero gradients)."""
+    assert actual is not None, f"{what}: no gradient"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = (actual.to(torch.float64) - expected).norm().item()
+    scale = expected.norm().item()
+    assert err <= rtol * scale + 1e-12, f"{what}: relative error {err / max(scale, 1e-300):.3e} > {rtol}"
+
+
+def _float64_copy(module):
+    ref64 = sa_kernels.ShuffleAttention(module.channel, G=module.G).to(torch.float64)
+    ref64.to(module.cweight.device)
+    ref64.load_state_dict({k: v.to(torch.float64) for k, v in module.state_dict().items()})
+    ref64.gn.eps = module.gn.eps
+    # The reference's GroupNorm refuses one value per plane in training mode; the maths is
+    # the same in eval mode (the module has no running statistics).
+    return ref64.eval()
