@@ -14,13 +14,15 @@ TOLERANCES = {
 }
 
 # Parameter gradients are float32 (float64) sums over B * G * H * W exact products, so
-# they stay close even for half-precision x: compared by relative error of the norm.
+# they stay close even for half-precision x: compared by relative error of the norm,
+# plus one rounding of the gradient's own dtype when parameters are half precision.
 PARAM_GRAD_RTOL = {
     torch.float64: 1e-10,
     torch.float32: 2e-5,
     torch.float16: 2e-5,
     torch.bfloat16: 2e-5,
 }
+ROUNDING_RTOL = {torch.float64: 0.0, torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 PARAM_NAMES = ("cweight", "cbias", "sweight", "sbias", "gn.weight", "gn.bias")
 
@@ -68,7 +70,8 @@ def assert_matches_reference(ref, fused, x, dy=None):
     torch.testing.assert_close(out.to(torch.float64), ref_out, **tol, msg=lambda m: f"forward: {m}")
     torch.testing.assert_close(dx.to(torch.float64), ref_dx, **tol, msg=lambda m: f"dx: {m}")
     for name in PARAM_NAMES:
-        assert_rel_close(grads[name], ref_grads[name], PARAM_GRAD_RTOL[x.dtype], name)
+        rtol = PARAM_GRAD_RTOL[x.dtype] + ROUNDING_RTOL[grads[name].dtype]
+        assert_rel_close(grads[name], ref_grads[name], rtol, name)
     return out, dx, grads
 
 
@@ -81,11 +84,32 @@ def assert_rel_close(actual, expected, rtol, what=""):
     assert err <= rtol * scale + 1e-12, f"{what}: relative error {err / max(scale, 1e-300):.3e} > {rtol}"
 
 
+def naive_shuffle_attention(x, ref):
+    """The issue's semantics read plane by plane: slow, obviously right, independent of the reference."""
+    B, C, H, W = x.shape
+    G = ref.G
+    half = C // (2 * G)
+    out = torch.empty_like(x)
+    for b in range(B):
+        for c in range(C):
+            plane = x[b, c]
+            k = c % (2 * half)
+            mean = plane.mean()
+            if k < half:
+                gate = torch.sigmoid(ref.cweight.flatten()[k] * mean + ref.cbias.flatten()[k])
+            else:
+                p = k - half
+                xhat = (plane - mean) / torch.sqrt(plane.var(unbiased=False) + ref.gn.eps)
+                gn = ref.gn.weight[p] * xhat + ref.gn.bias[p]
+                gate = torch.sigmoid(ref.sweight.flatten()[p] * gn + ref.sbias.flatten()[p])
+            i, j = divmod(c, C // 2)
+            out[b, 2 * j + i] = plane * gate
+    return out
+
+
 def _float64_copy(module):
     ref64 = sa_kernels.ShuffleAttention(module.channel, G=module.G).to(torch.float64)
     ref64.to(module.cweight.device)
     ref64.load_state_dict({k: v.to(torch.float64) for k, v in module.state_dict().items()})
     ref64.gn.eps = module.gn.eps
-    # The reference's GroupNorm refuses one value per plane in training mode; the maths is
-    # the same in eval mode (the module has no running statistics).
-    return ref64.eval()
+    return ref64
