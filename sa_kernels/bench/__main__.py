@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from . import report
@@ -77,19 +76,21 @@ def main(argv=None):
         except report.MissingDependencyError as e:
             raise SystemExit(f"error: {e}")
 
+    benchmarks = None if args.json else find_benchmarks(args.benchmarks)
     out_dir = args.out or DEFAULT_OUT
     out_dir.mkdir(parents=True, exist_ok=True)
     exit_code = 0
     if args.json:
         source = Path(args.json)
     else:
-        benchmarks = find_benchmarks(args.benchmarks)
-        fd, name = tempfile.mkstemp(prefix="run-", suffix=".json", dir=out_dir)
-        os.close(fd)
-        source = Path(name)
-        exit_code = run_suite(benchmarks, source, pytest_args)
-        if source.stat().st_size == 0:
-            source.unlink()
+        source = out_dir / f".run-{os.getpid()}.json"  # renamed once the device and date are known
+        source.write_bytes(b"")
+        try:
+            exit_code = run_suite(benchmarks, source, pytest_args)
+        finally:  # interrupted, or pytest failed before writing: leave no empty file behind
+            if source.stat().st_size == 0:
+                source.unlink()
+        if not source.exists():
             raise SystemExit(f"error: pytest exited with code {exit_code} and wrote no results")
 
     data = report.load(source)

@@ -226,9 +226,13 @@ def _bar_panel(ax, cases, providers, values, title, ylabel, reference=None, refe
     for i, provider in enumerate(providers):
         xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(cases))]
         ys = [values.get((case, provider)) for case in cases]
-        ax.bar(xs, [math.nan if y is None else y for y in ys], width, label=provider,
-               color=_color(provider))
-    if log:  # speedups: 2x faster and 2x slower sit the same distance from 1
+        ys = [math.nan if y is None else y for y in ys]
+        if log:  # speedups: bars grow up from 1 when faster, down when slower
+            ax.bar(xs, [y - 1 for y in ys], width, bottom=1.0, label=provider,
+                   color=_color(provider))
+        else:
+            ax.bar(xs, ys, width, label=provider, color=_color(provider))
+    if log:  # 2x faster and 2x slower sit the same distance from 1
         ax.set_yscale("log")
     if reference is not None:
         ax.axhline(reference, color="black", linestyle="--", linewidth=1, label=reference_label)
