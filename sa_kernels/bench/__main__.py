@@ -1,0 +1,122 @@
+"""``python -m sa_kernels.bench``: run the benchmark suite, print the table, write the plot.
+
+    python -m sa_kernels.bench                        # run benchmarks/, report
+    python -m sa_kernels.bench -- -k resnet50         # pass arguments on to pytest
+    python -m sa_kernels.bench --json run.json        # report an existing run
+    python -m sa_kernels.bench --out benchmarks/results
+
+Files are named ``<device-slug>-<date>.{json,md,png}`` and go to ``--out``
+(default ``.benchmarks/sa_kernels``, which git ignores).
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from . import report
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding sa_kernels/
+DEFAULT_OUT = Path(".benchmarks") / "sa_kernels"
+
+
+def find_benchmarks(explicit=None):
+    candidates = [Path(explicit)] if explicit else [PACKAGE_ROOT / "benchmarks", Path("benchmarks")]
+    for path in candidates:
+        if (path / "conftest.py").is_file():
+            return path
+    raise SystemExit(
+        "error: the benchmarks/ folder was not found (looked in "
+        + ", ".join(str(p) for p in candidates)
+        + "): run from a checkout of sa-kernels or pass --benchmarks DIR")
+
+
+def run_suite(benchmarks, json_path, pytest_args):
+    """pytest-benchmark on ``benchmarks``, its progress on this terminal; returns pytest's exit code."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(PACKAGE_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    command = [sys.executable, "-m", "pytest", str(benchmarks), "--benchmark-only",
+               f"--benchmark-json={json_path}", *pytest_args]
+    print("running:", " ".join(command), flush=True)
+    return subprocess.call(command, env=env)
+
+
+def unused_stem(out_dir, stem):
+    """``stem``, or ``stem-2``, ``stem-3``...: never overwrite an earlier run's files."""
+    candidate, n = stem, 1
+    while any((out_dir / f"{candidate}{ext}").exists() for ext in (".json", ".md", ".png")):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m sa_kernels.bench",
+        description="Run the sa-kernels benchmarks (pytest-benchmark) and report them: a table "
+                    "of medians, effective bandwidth and speedups, and a plot.",
+        epilog="Arguments after -- go to pytest, e.g. -- -k resnet50 --sa-seconds 2")
+    parser.add_argument("--json", metavar="FILE", help="report this pytest-benchmark JSON instead "
+                        "of running the suite")
+    parser.add_argument("--out", metavar="DIR", type=Path, default=None,
+                        help=f"where the JSON, table (.md) and plot (.png) go (default {DEFAULT_OUT})")
+    parser.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
+    parser.add_argument("--benchmarks", metavar="DIR", help="the benchmarks folder to run")
+    args, pytest_args = parser.parse_known_args(argv)
+    if pytest_args and pytest_args[0] == "--":
+        pytest_args = pytest_args[1:]
+    if args.json and pytest_args:
+        parser.error(f"pytest arguments {pytest_args} make no sense with --json")
+
+    if not args.no_plot:
+        try:  # before the suite runs, not after it
+            report.require_matplotlib()
+        except report.MissingDependencyError as e:
+            raise SystemExit(f"error: {e}")
+
+    benchmarks = None if args.json else find_benchmarks(args.benchmarks)
+    out_dir = args.out or DEFAULT_OUT
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exit_code = 0
+    if args.json:
+        source = Path(args.json)
+    else:
+        source = out_dir / f".run-{os.getpid()}.json"  # renamed once the device and date are known
+        source.write_bytes(b"")
+        try:
+            exit_code = run_suite(benchmarks, source, pytest_args)
+        finally:  # interrupted, or pytest failed before writing: leave no empty file behind
+            if source.stat().st_size == 0:
+                source.unlink()
+        if not source.exists():
+            raise SystemExit(f"error: pytest exited with code {exit_code} and wrote no results")
+
+    data = report.load(source)
+    rows = report.rows_from_json(data)
+    info = report.run_info(data)
+    stem = unused_stem(out_dir, report.output_stem(info))
+    json_path, md_path, png_path = (out_dir / f"{stem}{ext}" for ext in (".json", ".md", ".png"))
+    if args.json:
+        shutil.copyfile(source, json_path)
+    else:
+        source.replace(json_path)
+    text = report.format_report(data, rows)
+    md_path.write_text(text)
+    print()
+    print(text)
+    written = [json_path, md_path]
+    if rows and not args.no_plot:
+        env = info["environment"]
+        report.write_plot(rows, png_path, f"Shuffle Attention: {env.get('device_name')}, "
+                                          f"{env.get('date')}")
+        written.append(png_path)
+    print("wrote", ", ".join(str(p) for p in written))
+    if not rows:
+        return exit_code or 1
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
