@@ -19,23 +19,38 @@ _spec.loader.exec_module(train_digits)
 EPOCHS = 6  # 132 SGD steps of 64 images
 STEPS_PER_EPOCH = 22
 
-# Tolerances, from runs over eight seeds (0-7; this test uses seed 0):
-# * float32 fused vs float32 reference, per-step loss: at most 4.8e-7 apart during the first
-#   epoch, at most 1.24e-3 (mean 1.1e-4) over the whole run. Seed 0 itself: 1.2e-7 throughout.
-#   The later growth is float32 rounding amplified by SGD, not a defect: the float32 reference
-#   drifts from its own float64 twin by up to 1.6e-3 (mean 1.6e-4) over the same runs.
-# * float64 fused vs float64 reference: at most 1.2e-15 apart over the whole run; the two
-#   compute the same function, so in float64 the curves coincide to rounding.
-# * test accuracy: identical in every run (0.967 to 0.987 on the 397 held-out digits).
-FIRST_EPOCH_ATOL = 1e-5
+# Tolerances, from runs over eight seeds (0-7), each with one and with two CPU threads (this
+# test uses seed 0, one thread):
+# * float32 fused vs float32 reference, per-step loss: at most 1.5e-5 apart during the first
+#   epoch, at most 1.24e-3 (mean over the run at most 2.0e-4) over the whole run; seed 0 alone:
+#   at most 5.5e-5. The growth is float32 rounding amplified by SGD, not a defect: the float32
+#   reference drifts from its own float64 twin by up to 2.1e-3 (mean up to 2.4e-4) in the same runs.
+# * float64 fused vs float64 reference: at most 5.6e-16 apart over the whole run; the two
+#   compute the same function, so in float64 the curves coincide to rounding. This is the sharp
+#   check: a 5% error in one SA parameter's gradient moves the float64 curves 6e-4 apart, which
+#   the float32 bounds alone could not tell from rounding.
+# * test accuracy (397 held-out digits, 0.967 to 0.987): identical in 15 of the 16 float32 runs,
+#   one digit apart in the other; identical in every float64 run.
+FIRST_EPOCH_ATOL = 1e-4
 RUN_ATOL = 5e-3
-RUN_MEAN_ATOL = 5e-4
+RUN_MEAN_ATOL = 1e-3
 FLOAT64_ATOL = 1e-12
 MIN_ACCURACY = 0.95
+MAX_FLIPPED_DIGITS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """These tensors are tiny: a second thread buys little, and on a busy machine the OpenMP
+    threads of a 2-thread run wait on each other (measured 5-10x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def float32_runs():
+def float32_runs(single_thread):
     return train_digits.paired_runs(epochs=EPOCHS, seed=0)
 
 
@@ -53,8 +68,7 @@ def test_float32_both_learn_to_the_same_accuracy(float32_runs):
     for losses in (ref_losses, fused_losses):
         assert losses[:3].mean() > 2.0 and losses[-STEPS_PER_EPOCH:].mean() < 0.15, "did not learn"
     assert ref_acc >= MIN_ACCURACY and fused_acc >= MIN_ACCURACY, (ref_acc, fused_acc)
-    # At most one of the 397 held-out digits may flip (none did in any measured run).
-    assert abs(ref_acc - fused_acc) <= 1.5 / 397, (ref_acc, fused_acc)
+    assert abs(ref_acc - fused_acc) * 397 <= MAX_FLIPPED_DIGITS + 0.5, (ref_acc, fused_acc)
 
 
 def test_float64_loss_curves_coincide():
