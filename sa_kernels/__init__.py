@@ -1,6 +1,7 @@
 """sa-kernels: fused Shuffle Attention (SA-Net, arXiv 2102.00240) for PyTorch."""
 from . import ops  # noqa: F401  (registers torch.ops.sa_kernels.*)
 from .backends import BackendUnavailableError, available_backends
+from .decomposition import decompositions
 from .functional import shuffle_attention
 from .module import FusedShuffleAttention, fuse_model
 from .reference import ShuffleAttention
@@ -12,6 +13,7 @@ __all__ = [
     "FusedShuffleAttention",
     "ShuffleAttention",
     "available_backends",
+    "decompositions",
     "fuse_model",
     "shuffle_attention",
 ]
