@@ -19,9 +19,11 @@ program, several pairs when planes are small (7x7, 8x8, 14x14: up to 4096 tile
 values, keeping >= 512 programs). A tile that fits 16384 register values (x
 elements, times 2 in backward for grad_out, times 2 for float64) is processed
 in one sweep; larger planes (e.g. 112x112 and up in NCHW, 56x56 channels_last)
-take the chunked two-sweep path (Chan-merged statistics, then gate). No
+take the chunked two-sweep path (Chan-merged statistics, then gate) in chunks
+of up to 4096 values. num_warps: one warp per 256 tile values, 1 to 16. No
 benchmarking at first call, so launches never sync the host and can be
-captured in CUDA graphs.
+captured in CUDA graphs. ``launch_config.LIMITS`` holds every threshold (tests
+lower them to reach the packed and chunked paths with tiny shapes).
 
 Layouts: x, out, grad_out and dx are addressed through their own strides (NCHW,
 channels_last and any other 4-D strides, e.g. ``x[:, :, ::2]``, or grad_out
@@ -100,13 +102,13 @@ def _spatial(t):
     return False, s_h, s_w
 
 
-def _plane_span(t):
-    _, _, H, W = t.shape
-    return (H - 1) * t.stride(2) + (W - 1) * t.stride(3)
-
-
 def _needs_int64(*tensors):
-    return any(_plane_span(t) > _INT32_LIMIT for t in tensors)
+    """Whether a channel offset or an in-plane offset can pass int32 (sample offsets are always int64)."""
+    for t in tensors:
+        _, C, H, W = t.shape
+        if max((C - 1) * t.stride(1), (H - 1) * t.stride(2) + (W - 1) * t.stride(3)) > _INT32_LIMIT:
+            return True
+    return False
 
 
 def _channels_fast(t):

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .plane_math import (as_acc, gate_coefficients, gate_grad, load_pair, load_shuffled_pair,
-                         spatial_offsets, store_pair)
+                         program_planes, spatial_offsets, store_pair)
 
 
 @triton.jit
@@ -38,13 +38,7 @@ def shuffle_attention_backward_kernel(
         BLOCK_J: tl.constexpr, BLOCK_HW: tl.constexpr, CHUNKED: tl.constexpr,
         X_FLAT: tl.constexpr, DY_FLAT: tl.constexpr, DX_FLAT: tl.constexpr,
         DY_INTERLEAVED: tl.constexpr, I64: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // num_jblocks
-    j0 = (pid % num_jblocks) * BLOCK_J
-    j = j0 + tl.arange(0, BLOCK_J)
-    jmask = j < C2
-    q = 2 * j0 + tl.arange(0, 2 * BLOCK_J)
-    qmask = q < 2 * C2
+    b, j, jmask, q, qmask = program_planes(num_jblocks, C2, BLOCK_J)
     x_base = b * x_sb
     dy_base = b * dy_sb
     dx_base = b * dx_sb
@@ -70,10 +64,10 @@ def shuffle_attention_backward_kernel(
             hwmask = hw < HW
             mask = jmask[:, None] & hwmask[None, :]
             x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
-                               spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask)
+                               spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
             dy0, dy1 = load_shuffled_pair(dy_ptr, dy_base, j, q, dy_sc,
                                           spatial_offsets(hw, W, dy_sh, dy_sw, DY_FLAT, I64),
-                                          mask, qmask, hwmask, BLOCK_J, BLOCK_HW, DY_INTERLEAVED)
+                                          mask, qmask, hwmask, BLOCK_J, BLOCK_HW, DY_INTERLEAVED, I64)
             _, dt0, xhat0 = gate_grad(x0.to(acc), dy0.to(acc), mean0, rstd0, alpha0, beta0)
             _, dt1, xhat1 = gate_grad(x1.to(acc), dy1.to(acc), mean1, rstd1, alpha1, beta1)
             s1_0 += tl.sum(dt0, axis=1)
@@ -89,25 +83,25 @@ def shuffle_attention_backward_kernel(
             hwmask = hw < HW
             mask = jmask[:, None] & hwmask[None, :]
             x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
-                               spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask)
+                               spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
             dy0, dy1 = load_shuffled_pair(dy_ptr, dy_base, j, q, dy_sc,
                                           spatial_offsets(hw, W, dy_sh, dy_sw, DY_FLAT, I64),
-                                          mask, qmask, hwmask, BLOCK_J, BLOCK_HW, DY_INTERLEAVED)
+                                          mask, qmask, hwmask, BLOCK_J, BLOCK_HW, DY_INTERLEAVED, I64)
             dys0, dt0, xhat0 = gate_grad(x0.to(acc), dy0.to(acc), mean0, rstd0, alpha0, beta0)
             dys1, dt1, xhat1 = gate_grad(x1.to(acc), dy1.to(acc), mean1, rstd1, alpha1, beta1)
             store_pair(dx_ptr, dx_base, j, C2, dx_sc,
                        spatial_offsets(hw, W, dx_sh, dx_sw, DX_FLAT, I64), mask,
                        _dx(dys0, dt0, xhat0, alpha0, k0_0, k1_0),
-                       _dx(dys1, dt1, xhat1, alpha1, k0_1, k1_1))
+                       _dx(dys1, dt1, xhat1, alpha1, k0_1, k1_1), I64)
     else:
         hw = tl.arange(0, BLOCK_HW)
         hwmask = hw < HW
         mask = jmask[:, None] & hwmask[None, :]
         x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
-                           spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask)
+                           spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
         dy0, dy1 = load_shuffled_pair(dy_ptr, dy_base, j, q, dy_sc,
                                       spatial_offsets(hw, W, dy_sh, dy_sw, DY_FLAT, I64),
-                                      mask, qmask, hwmask, BLOCK_J, BLOCK_HW, DY_INTERLEAVED)
+                                      mask, qmask, hwmask, BLOCK_J, BLOCK_HW, DY_INTERLEAVED, I64)
         dys0, dt0, xhat0 = gate_grad(x0.to(acc), dy0.to(acc), mean0, rstd0, alpha0, beta0)
         dys1, dt1, xhat1 = gate_grad(x1.to(acc), dy1.to(acc), mean1, rstd1, alpha1, beta1)
         s1_0 = tl.sum(dt0, axis=1)
@@ -117,7 +111,7 @@ def shuffle_attention_backward_kernel(
         store_pair(dx_ptr, dx_base, j, C2, dx_sc,
                    spatial_offsets(hw, W, dx_sh, dx_sw, DX_FLAT, I64), mask,
                    _dx(dys0, dt0, xhat0, alpha0, kc0 * s1_0 * inv_n, -alpha0 * s2_0 * inv_n),
-                   _dx(dys1, dt1, xhat1, alpha1, kc1 * s1_1 * inv_n, -alpha1 * s2_1 * inv_n))
+                   _dx(dys1, dt1, xhat1, alpha1, kc1 * s1_1 * inv_n, -alpha1 * s2_1 * inv_n), I64)
 
     # Masked-off columns were loaded as dy = 0, so they add exactly 0 to S1 and S2.
     tl.store(ws_ptr + stats, s1_0, mask=jmask)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .plane_math import (as_acc, gate, gate_coefficients, load_pair, merge_chunk_stats,
-                         reciprocal_sqrt, spatial_offsets, store_shuffled_pair)
+                         program_planes, reciprocal_sqrt, spatial_offsets, store_shuffled_pair)
 
 
 @triton.jit
@@ -26,15 +26,7 @@ def shuffle_attention_forward_kernel(
         BLOCK_J: tl.constexpr, BLOCK_HW: tl.constexpr, CHUNKED: tl.constexpr,
         X_FLAT: tl.constexpr, OUT_FLAT: tl.constexpr, OUT_INTERLEAVED: tl.constexpr,
         I64: tl.constexpr):
-    # Program id -> (b, first pair) in int64, so every per-sample and per-channel
-    # offset below is 64-bit whatever B * C * H * W is.
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // num_jblocks
-    j0 = (pid % num_jblocks) * BLOCK_J
-    j = j0 + tl.arange(0, BLOCK_J)
-    jmask = j < C2
-    q = 2 * j0 + tl.arange(0, 2 * BLOCK_J)  # output channels of the pairs, in memory order
-    qmask = q < 2 * C2
+    b, j, jmask, q, qmask = program_planes(num_jblocks, C2, BLOCK_J)
     x_base = b * x_sb
     o_base = b * o_sb
     zero = tl.zeros([BLOCK_J], mean_ptr.dtype.element_ty)
@@ -51,7 +43,7 @@ def shuffle_attention_forward_kernel(
             hwmask = hw < HW
             mask = jmask[:, None] & hwmask[None, :]
             x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
-                               spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask)
+                               spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
             n_a = as_acc(start, zero)
             n_b = as_acc(tl.minimum(HW - start, BLOCK_HW), zero)
             mean0, m20 = merge_chunk_stats(mean0, m20, n_a, x0.to(zero.dtype), mask, n_b)
@@ -67,18 +59,18 @@ def shuffle_attention_forward_kernel(
             hwmask = hw < HW
             mask = jmask[:, None] & hwmask[None, :]
             x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
-                               spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask)
+                               spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
             y0 = gate(x0.to(zero.dtype), mean0, alpha0, beta0)
             y1 = gate(x1.to(zero.dtype), mean1, alpha1, beta1)
             store_shuffled_pair(out_ptr, o_base, j, q, o_sc,
                                 spatial_offsets(hw, W, o_sh, o_sw, OUT_FLAT, I64),
-                                mask, qmask, hwmask, y0, y1, OUT_INTERLEAVED)
+                                mask, qmask, hwmask, y0, y1, OUT_INTERLEAVED, I64)
     else:
         hw = tl.arange(0, BLOCK_HW)
         hwmask = hw < HW
         mask = jmask[:, None] & hwmask[None, :]
         x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
-                           spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask)
+                           spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
         x0 = x0.to(zero.dtype)
         x1 = x1.to(zero.dtype)
         mean0, m20 = merge_chunk_stats(zero, zero, 0.0, x0, mask, n)
@@ -93,7 +85,7 @@ def shuffle_attention_forward_kernel(
         y1 = gate(x1, mean1, alpha1, beta1)
         store_shuffled_pair(out_ptr, o_base, j, q, o_sc,
                             spatial_offsets(hw, W, o_sh, o_sw, OUT_FLAT, I64),
-                            mask, qmask, hwmask, y0, y1, OUT_INTERLEAVED)
+                            mask, qmask, hwmask, y0, y1, OUT_INTERLEAVED, I64)
 
     stats = b * (2 * C2) + j
     tl.store(mean_ptr + stats, mean0, mask=jmask)

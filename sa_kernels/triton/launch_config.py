@@ -19,11 +19,14 @@ Register budget is counted in *values*: elements held x tensors held per element
 2. Single sweep vs chunked: if the whole tile (2 * block_j planes x
    next_pow2(H*W)) fits in ``on_chip_values``, the program holds it in registers
    and reads x (and grad_out) once. Otherwise it loops over H*W in chunks of
-   the largest power of two that fits the budget: two sweeps (statistics, then
-   gate/dx), the second one mostly served from L2.
-3. num_warps: one warp per 1024 tile values, a power of two in [1, 16].
-4. Offsets inside one plane are int32 unless a tensor's plane spans 2**31
-   elements; per-sample and per-channel offsets are always int64.
+   the largest power of two that fits ``chunk_values``: two sweeps (statistics,
+   then gate/dx), the second one re-reading what the program read just before.
+3. num_warps: one warp per ``values_per_warp`` tile values (8 per thread), a
+   power of two in [1, 16]. Register counts of the sm_90 cubins were checked
+   with cuobjdump (tests/triton_compile_check.py builds them); no GPU timing
+   went into these numbers.
+4. Channel and in-plane offsets are int32 unless a tensor's channels or one
+   plane span 2**31 elements (then int64); per-sample offsets are always int64.
 
 ``LIMITS`` is module-level so tests can lower ``on_chip_values`` and reach the
 chunked path with interpreter-sized shapes.
@@ -34,7 +37,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Limits:
     on_chip_values: int = 16384  # per program: above this, the chunked two-sweep path
+    chunk_values: int = 4096     # per program, chunked path: values per chunk tile
     pack_values: int = 4096      # per program: packing target for small NCHW planes
+    values_per_warp: int = 256   # num_warps = tile values / this (8 per thread)
     min_programs: int = 512      # packing/widening stops before the grid drops below this
     cl_max_pairs: int = 32       # channels_last: widest channel-pair block
 
@@ -91,9 +96,13 @@ def plan_planes(batch, half_channels, hw, elem_size, fp64, channels_fast, tensor
             block_j *= 2
 
     chunked = 2 * block_j * hw_block * vpe > lim.on_chip_values
-    block_hw = prev_pow2(lim.on_chip_values // (2 * block_j * vpe)) if chunked else hw_block
+    if chunked:
+        budget = min(lim.chunk_values, lim.on_chip_values)
+        block_hw = min(hw_block, prev_pow2(budget // (2 * block_j * vpe)))
+    else:
+        block_hw = hw_block
     tile_values = 2 * block_j * block_hw * vpe
-    num_warps = min(16, prev_pow2(max(1, tile_values // 1024)))
+    num_warps = min(16, prev_pow2(max(1, tile_values // lim.values_per_warp)))
     num_jblocks = _cdiv(half_channels, block_j)
     return PlanePlan(block_j, block_hw, chunked, num_jblocks, (batch * num_jblocks,), num_warps)
 

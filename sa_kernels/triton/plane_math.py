@@ -15,16 +15,36 @@ import triton.language as tl
 
 
 @triton.jit
+def program_planes(num_jblocks, C2, BLOCK_J: tl.constexpr):
+    """This program's sample ``b`` (int64, so per-sample offsets never overflow) and
+    pairs ``j`` (int32 [BLOCK_J]) with their mask; ``q``: the pairs' output channels
+    2j, 2j + 1 in memory order ([2 * BLOCK_J]) with their mask."""
+    pid = tl.program_id(0)
+    b = (pid // num_jblocks).to(tl.int64)
+    j0 = (pid % num_jblocks) * BLOCK_J
+    j = j0 + tl.arange(0, BLOCK_J)
+    q = 2 * j0 + tl.arange(0, 2 * BLOCK_J)
+    return b, j, j < C2, q, q < 2 * C2
+
+
+@triton.jit
+def offset_index(i, I64: tl.constexpr):
+    """Channel or spatial indices as offset operands: int64 when channels or a plane span 2**31 elements."""
+    if I64:
+        return i.to(tl.int64)
+    else:
+        return i
+
+
+@triton.jit
 def spatial_offsets(hw, W, s_h, s_w, FLAT: tl.constexpr, I64: tl.constexpr):
     """Memory offsets of flat spatial indices ``hw`` (h * W + w) in a plane with strides (s_h, s_w).
 
     FLAT: the plane is a single run of step ``s_w`` (NCHW, NHWC, H == 1 or W == 1;
     the host passes that step as ``s_w``), which avoids an integer division per
     element. Otherwise (e.g. ``x[:, :, ::2]``) h and w are split out.
-    I64: offsets inside one plane can reach 2**31 elements.
     """
-    if I64:
-        hw = hw.to(tl.int64)
+    hw = offset_index(hw, I64)
     if FLAT:
         return hw * s_w
     else:
@@ -32,27 +52,28 @@ def spatial_offsets(hw, W, s_h, s_w, FLAT: tl.constexpr, I64: tl.constexpr):
 
 
 @triton.jit
-def load_pair(ptr, base, j, C2, s_c, hw_off, mask):
-    """Tiles of input-ordered channels j and C2 + j (x or dx order); ``j`` is int64."""
-    rows0 = ptr + base + j * s_c
-    rows1 = ptr + base + (j + C2) * s_c
+def load_pair(ptr, base, j, C2, s_c, hw_off, mask, I64: tl.constexpr):
+    """Tiles of input-ordered channels j and C2 + j (x order)."""
+    rows0 = ptr + base + offset_index(j, I64) * s_c
+    rows1 = ptr + base + offset_index(j + C2, I64) * s_c
     t0 = tl.load(rows0[:, None] + hw_off[None, :], mask=mask, other=0.0)
     t1 = tl.load(rows1[:, None] + hw_off[None, :], mask=mask, other=0.0)
     return t0, t1
 
 
 @triton.jit
-def store_pair(ptr, base, j, C2, s_c, hw_off, mask, t0, t1):
+def store_pair(ptr, base, j, C2, s_c, hw_off, mask, t0, t1, I64: tl.constexpr):
     """Stores tiles at input-ordered channels j and C2 + j (dx), cast to the tensor's dtype."""
-    rows0 = ptr + base + j * s_c
-    rows1 = ptr + base + (j + C2) * s_c
+    rows0 = ptr + base + offset_index(j, I64) * s_c
+    rows1 = ptr + base + offset_index(j + C2, I64) * s_c
     tl.store(rows0[:, None] + hw_off[None, :], t0.to(ptr.dtype.element_ty), mask=mask)
     tl.store(rows1[:, None] + hw_off[None, :], t1.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def load_shuffled_pair(ptr, base, j, q, s_c, hw_off, mask, qmask, hwmask,
-                       BLOCK_J: tl.constexpr, BLOCK_HW: tl.constexpr, INTERLEAVED: tl.constexpr):
+                       BLOCK_J: tl.constexpr, BLOCK_HW: tl.constexpr, INTERLEAVED: tl.constexpr,
+                       I64: tl.constexpr):
     """Tiles at output channels 2j and 2j + 1 (grad_out), as [BLOCK_J, BLOCK_HW] each.
 
     INTERLEAVED (channels-fast memory): one load of the [BLOCK_HW, 2 * BLOCK_J]
@@ -60,12 +81,12 @@ def load_shuffled_pair(ptr, base, j, q, s_c, hw_off, mask, qmask, hwmask,
     warp reads one contiguous run instead of two stride-2 ones.
     """
     if INTERLEAVED:
-        t = tl.load(ptr + base + q[None, :] * s_c + hw_off[:, None],
+        t = tl.load(ptr + base + offset_index(q, I64)[None, :] * s_c + hw_off[:, None],
                     mask=hwmask[:, None] & qmask[None, :], other=0.0)
         t0, t1 = tl.split(tl.reshape(t, [BLOCK_HW, BLOCK_J, 2]))
         return tl.trans(t0), tl.trans(t1)
     else:
-        rows0 = ptr + base + (2 * j) * s_c
+        rows0 = ptr + base + offset_index(2 * j, I64) * s_c
         t0 = tl.load(rows0[:, None] + hw_off[None, :], mask=mask, other=0.0)
         t1 = tl.load((rows0 + s_c)[:, None] + hw_off[None, :], mask=mask, other=0.0)
         return t0, t1
@@ -73,14 +94,14 @@ def load_shuffled_pair(ptr, base, j, q, s_c, hw_off, mask, qmask, hwmask,
 
 @triton.jit
 def store_shuffled_pair(ptr, base, j, q, s_c, hw_off, mask, qmask, hwmask, y0, y1,
-                        INTERLEAVED: tl.constexpr):
+                        INTERLEAVED: tl.constexpr, I64: tl.constexpr):
     """Stores the pair's tiles at output channels 2j and 2j + 1 (the channel shuffle)."""
     if INTERLEAVED:
         y = tl.interleave(tl.trans(y0), tl.trans(y1))  # [BLOCK_HW, 2 * BLOCK_J], columns = q
-        tl.store(ptr + base + q[None, :] * s_c + hw_off[:, None], y.to(ptr.dtype.element_ty),
+        tl.store(ptr + base + offset_index(q, I64)[None, :] * s_c + hw_off[:, None], y.to(ptr.dtype.element_ty),
                  mask=hwmask[:, None] & qmask[None, :])
     else:
-        rows0 = ptr + base + (2 * j) * s_c
+        rows0 = ptr + base + offset_index(2 * j, I64) * s_c
         tl.store(rows0[:, None] + hw_off[None, :], y0.to(ptr.dtype.element_ty), mask=mask)
         tl.store((rows0 + s_c)[:, None] + hw_off[None, :], y1.to(ptr.dtype.element_ty), mask=mask)
 
@@ -133,7 +154,7 @@ def merge_chunk_stats(mean_a, m2_a, n_a, x, mask, n_b):
 
 @triton.jit
 def gate_coefficients(c, cmask, mean, rstd, cw_ptr, cb_ptr, sw_ptr, sb_ptr, gw_ptr, gb_ptr, HALF):
-    """Per-plane gate coefficients for input channels ``c`` (int64, [BLOCK_J]).
+    """Per-plane gate coefficients for input channels ``c`` ([BLOCK_J]).
 
     Returns (alpha, beta, kc, spatial): gate = sigmoid(alpha * (x - mean) + beta);
     channel planes alpha = 0, beta = cweight * mean + cbias; spatial planes
