@@ -1,0 +1,199 @@
+"""The triton backend: one-pass fused Shuffle Attention kernels written in Triton.
+
+* forward: ONE launch (``sa_kernels/triton/forward.py``). Each program owns a
+  block of channel pairs (input channels j and C/2 + j, whose outputs 2j and
+  2j + 1 are adjacent) of one sample, computes each plane's mean and rstd
+  (float32, float64 for float64 x), gates the plane and writes it straight to
+  its shuffled output channel, plus the (B, C) statistics.
+* backward: TWO launches. ``triton/backward.py`` recomputes the gate from x and
+  the saved statistics, writes dx and per-plane float32 (float64) partial sums
+  into a (2, B, C) workspace; ``triton/param_grads.py`` reduces them over
+  (batch, group) in a fixed order into the six parameter gradients. No atomics:
+  gradients are bitwise reproducible.
+
+Launch heuristic (``triton/launch_config.py``, keyed on H*W, C, B, dtype and layout):
+channels_last x gets programs owning a block of channels (>= one 32-byte sector,
+up to 32 pairs) across the plane, with the shuffled output (and grad_out)
+accessed as one interleaved, contiguous tile; other layouts get one pair per
+program, several pairs when planes are small (7x7, 8x8, 14x14: up to 4096 tile
+values, keeping >= 512 programs). A tile that fits 16384 register values (x
+elements, times 2 in backward for grad_out, times 2 for float64) is processed
+in one sweep; larger planes (e.g. 112x112 and up in NCHW, 56x56 channels_last)
+take the chunked two-sweep path (Chan-merged statistics, then gate) in chunks
+of up to 4096 values. num_warps: one warp per 256 tile values, 1 to 16. No
+benchmarking at first call, so launches never sync the host and can be
+captured in CUDA graphs. ``launch_config.LIMITS`` holds every threshold (tests
+lower them to reach the packed and chunked paths with tiny shapes).
+
+Layouts: x, out, grad_out and dx are addressed through their own strides (NCHW,
+channels_last and any other 4-D strides, e.g. ``x[:, :, ::2]``, or grad_out
+expanded from a scalar); nothing is copied. ``out`` and ``dx`` are
+``torch.empty_like(x)``. The only copies are of non-contiguous 1-D parameter
+views (``half`` values each).
+"""
+import contextlib
+import os
+import struct
+
+import torch
+
+from ..triton import launch_config
+
+_INT32_LIMIT = 2 ** 31 - 1
+_kernels = None
+
+
+def _load_kernels():
+    """The Triton kernels, imported on first use (importing them imports Triton)."""
+    global _kernels
+    if _kernels is None:
+        from ..triton.backward import shuffle_attention_backward_kernel
+        from ..triton.forward import shuffle_attention_forward_kernel
+        from ..triton.param_grads import shuffle_attention_param_grads_kernel
+        _kernels = (shuffle_attention_forward_kernel, shuffle_attention_backward_kernel,
+                    shuffle_attention_param_grads_kernel)
+    return _kernels
+
+
+def unavailable_reason(device, build=True):
+    """None when the kernels can run on ``device``; otherwise why, and the fix.
+
+    Triton compiles each kernel on first use (and caches it on disk); there is no
+    ahead-of-time build, so ``build`` makes no difference.
+    """
+    device = torch.device(device)
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"Triton is not installed ({e}); install it with `pip install triton`"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available to PyTorch"
+        try:
+            from triton.runtime import driver
+            driver.active.get_current_device()
+        except Exception as e:  # no usable GPU driver for Triton
+            return f"Triton found no active GPU driver ({type(e).__name__}: {e})"
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return ("Triton needs a CUDA GPU; to test on CPU, set TRITON_INTERPRET=1 before "
+                    "triton is first imported")
+        from triton.runtime.interpreter import InterpretedFunction
+        if not isinstance(_load_kernels()[0], InterpretedFunction):
+            return ("TRITON_INTERPRET=1 was set after the kernels were compiled for a GPU; set it "
+                    "before triton (or torch._dynamo) is first imported")
+        return None
+    return f"Triton kernels run on CUDA devices (or on CPU under TRITON_INTERPRET=1), not {device.type}"
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _spatial(t):
+    """(flat, s_h, s_w) for the kernels' ``spatial_offsets``: flat planes get their single step in s_w."""
+    _, _, H, W = t.shape
+    s_h, s_w = t.stride(2), t.stride(3)
+    if W == 1:
+        return True, s_h, s_h
+    if H == 1 or s_h == W * s_w:
+        return True, s_h, s_w
+    return False, s_h, s_w
+
+
+def _needs_int64(*tensors):
+    """Whether a channel offset or an in-plane offset can pass int32 (sample offsets are always int64)."""
+    for t in tensors:
+        _, C, H, W = t.shape
+        if max((C - 1) * t.stride(1), (H - 1) * t.stride(2) + (W - 1) * t.stride(3)) > _INT32_LIMIT:
+            return True
+    return False
+
+
+def _channels_fast(t):
+    """Channels are the contiguous axis (channels_last, or 1x1 planes): tiles run along channels."""
+    return t.stride(1) == 1 and t.shape[1] > 1
+
+
+def _eps_halves(eps):
+    """eps as float32 hi + lo: Triton passes Python floats as float32; hi + lo restores float64 eps."""
+    hi = struct.unpack("f", struct.pack("f", eps))[0]
+    return hi, eps - hi
+
+
+def _param(p):
+    # Kernels index parameters with unit stride; only a strided 1-D view gets a (tiny) copy.
+    return p if p.stride(0) == 1 else p.contiguous()
+
+
+def _device_guard(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def forward(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
+    B, C, H, W = x.shape
+    half = cweight.numel()
+    acc = _acc_dtype(x.dtype)
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        zeros = x.new_zeros((B, C), dtype=acc)
+        return out, zeros, zeros.clone()
+    mean = torch.empty((B, C), dtype=acc, device=x.device)
+    rstd = torch.empty_like(mean)
+    params = [_param(p) for p in (cweight, cbias, sweight, sbias, gn_weight, gn_bias)]
+    plan = launch_config.plan_planes(B, C // 2, H * W, x.element_size(), acc == torch.float64,
+                                     _channels_fast(x), tensors=1)
+    x_flat, x_sh, x_sw = _spatial(x)
+    o_flat, o_sh, o_sw = _spatial(out)
+    eps_hi, eps_lo = _eps_halves(float(eps))
+    kernel = _load_kernels()[0]
+    with _device_guard(x):
+        kernel[plan.grid](
+            x, out, mean, rstd, *params,
+            C // 2, H * W, W, half, eps_hi, eps_lo, plan.num_jblocks,
+            x.stride(0), x.stride(1), x_sh, x_sw,
+            out.stride(0), out.stride(1), o_sh, o_sw,
+            BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, CHUNKED=plan.chunked,
+            X_FLAT=x_flat, OUT_FLAT=o_flat, OUT_INTERLEAVED=_channels_fast(out),
+            I64=_needs_int64(x, out), num_warps=plan.num_warps)
+    return out, mean, rstd
+
+
+def backward(grad_out, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, mean, rstd,
+             groups, eps):
+    B, C, H, W = x.shape
+    half = cweight.numel()
+    params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
+    dx = torch.empty_like(x)
+    grads = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params]
+    if x.numel() == 0:
+        return (dx,) + tuple(g.zero_() for g in grads)
+    acc = mean.dtype
+    # Saved statistics come from the ops (contiguous (B, C)); another backend's are too.
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    params = [_param(p) for p in params]
+    ws = torch.empty((2, B, C), dtype=acc, device=x.device)
+    plan = launch_config.plan_planes(B, C // 2, H * W, x.element_size(), acc == torch.float64,
+                                     _channels_fast(x), tensors=2)
+    x_flat, x_sh, x_sw = _spatial(x)
+    dy_flat, dy_sh, dy_sw = _spatial(grad_out)
+    dx_flat, dx_sh, dx_sw = _spatial(dx)
+    _, backward_kernel, param_grads_kernel = _load_kernels()
+    reduce_plan = launch_config.plan_param_grads(B * groups, half)
+    with _device_guard(x):
+        backward_kernel[plan.grid](
+            grad_out, x, dx, mean, rstd, ws, *params,
+            C // 2, H * W, W, half, plan.num_jblocks, B * C,
+            x.stride(0), x.stride(1), x_sh, x_sw,
+            grad_out.stride(0), grad_out.stride(1), dy_sh, dy_sw,
+            dx.stride(0), dx.stride(1), dx_sh, dx_sw,
+            BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, CHUNKED=plan.chunked,
+            X_FLAT=x_flat, DY_FLAT=dy_flat, DX_FLAT=dx_flat,
+            DY_INTERLEAVED=_channels_fast(grad_out), I64=_needs_int64(x, grad_out, dx),
+            num_warps=plan.num_warps)
+        param_grads_kernel[reduce_plan.grid](
+            ws, B * groups, half, B * C, params[2], params[4], params[5], *grads,
+            BLOCK_R=reduce_plan.block_r, BLOCK_P=reduce_plan.block_p,
+            num_warps=reduce_plan.num_warps)
+    return (dx,) + tuple(grads)
