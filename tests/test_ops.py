@@ -1,6 +1,7 @@
-"""The torch.library ops: opcheck, torch.compile without graph breaks, torch.export.
+"""The torch.library ops: opcheck, torch.compile without graph breaks.
 
-What the op saves for backward is checked in test_bench_report.py (the saved-bytes probe)."""
+torch.export and ONNX are in test_export.py; what the op saves for backward in
+test_bench_report.py (the saved-bytes probe)."""
 import pytest
 import torch
 
@@ -60,14 +61,3 @@ def test_compiled_graph_holds_one_forward_op(device):
     calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     ours = [t for t in calls if t in (torch.ops.sa_kernels.forward, torch.ops.sa_kernels.forward.default)]
     assert len(ours) == 1
-
-
-def test_export_matches_eager(device):
-    model = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 1),
-                                sa_kernels.FusedShuffleAttention.from_module(random_reference(32, 4))).to(device)
-    x = random_input((2, 8, 5, 5), torch.float32, device)
-    program = torch.export.export(model, (x,))
-    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
-    assert torch.ops.sa_kernels.forward.default in targets
-    x2 = random_input((2, 8, 5, 5), torch.float32, device)
-    torch.testing.assert_close(program.module()(x2), model(x2))
