@@ -53,7 +53,8 @@ __global__ void __launch_bounds__(kBlock) backward_held_kernel(const BackwardPar
         held_dy[i] = dy[v];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const ElementGrad<Acc> g = element_grad(to_acc(held_x[i].v[e]), to_acc(held_dy[i].v[e]), mean, gate);
+          const ElementGrad<Acc> g =
+              element_grad(to_acc(held_x[i].v[e]), to_acc(held_dy[i].v[e]), mean, gate);
           sums[0] += g.dt;
           sums[1] += g.dt * g.xc;
         }
@@ -127,7 +128,8 @@ __global__ void __launch_bounds__(kBlock) backward_two_sweep_kernel(const Backwa
         if (v0 + int64_t(u) * kBlock < packs) {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            const ElementGrad<Acc> g = element_grad(to_acc(in_x[u].v[e]), to_acc(in_dy[u].v[e]), mean, gate);
+            const ElementGrad<Acc> g =
+                element_grad(to_acc(in_x[u].v[e]), to_acc(in_dy[u].v[e]), mean, gate);
             sums[0] += g.dt;
             sums[1] += g.dt * g.xc;
           }
@@ -190,7 +192,8 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_kernel(const Ba
   const Acc inv_n = Acc(1) / Acc(hw);
   const int64_t tiles = ceil_div(half_c, kPairs);
 
-  for (int64_t work = blockIdx.x; work < p.shape.batch * tiles; work += gridDim.x) {  // block-uniform
+  // The loop condition is uniform over the block.
+  for (int64_t work = blockIdx.x; work < p.shape.batch * tiles; work += gridDim.x) {
     const int64_t b = work / tiles;
     const int64_t j = (work % tiles) * kPairs + lane;
     const bool active = j < half_c;  // inactive lanes still reach every barrier
@@ -198,7 +201,7 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_kernel(const Ba
     const T* x = p.x + base;
     const T* dy = p.grad_out + base;
 
-    // Input channel i * C/2 + j: its statistics and gate (garbage-free only when active).
+    // Input channel i * C/2 + j: its statistics and gate (set and read by active lanes only).
     Acc mean[2] = {Acc(0), Acc(0)}, rstd[2] = {Acc(0), Acc(0)};
     PlaneGate<Acc> gate[2];
     if (active) {
@@ -230,7 +233,8 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_kernel(const Ba
           if (r0 + int64_t(u) * kRows < hw) {
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-              const ElementGrad<Acc> g = element_grad(to_acc(in_x[i][u]), to_acc(in_dy[i][u]), mean[i], gate[i]);
+              const ElementGrad<Acc> g =
+                  element_grad(to_acc(in_x[i][u]), to_acc(in_dy[i][u]), mean[i], gate[i]);
               sums[i][0] += g.dt;
               sums[i][1] += g.dt * g.xc;
             }
@@ -292,7 +296,9 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_kernel(const Ba
         }
       }
     }
-    __syncthreads();  // the shared arrays are rewritten for the next work item
+    // No barrier needed before the next work item: it writes `partial` only after every
+    // thread has passed the second barrier above (so its readers are done), and the
+    // per-lane values read in sweep 2 only after everyone passed its own first barrier.
   }
 }
 
@@ -322,7 +328,7 @@ __global__ void __launch_bounds__(kBlock) param_grad_kernel(const BackwardParams
       sums[2] += spatial_plane[0];
       sums[3] += spatial_plane[1];
     }
-    warp_allreduce<kWarp>(sums);
+    warp_allreduce(sums);
     if (lane == 0) {
       const Acc sweight = p.gate.sweight[k];
       p.grads.cweight[k] = sums[1];
@@ -348,16 +354,19 @@ cudaError_t launch_dx(const BackwardParams<T>& p, cudaStream_t stream) {
                      planes_vector_aligned(p.grad_out, p.grad_out_stride, n, V) &&
                      planes_vector_aligned(p.grad_x, p.grad_x_stride, n, V);
     const bool held = p.register_plane_limit < 0 || hw <= p.register_plane_limit;
-    const int64_t warp_blocks = ceil_div(planes, kBlockWarps);
-    // As in the forward, smallest first; two tensors are held, so at most 8 packs each.
-    if (held && hw <= kWarp * 2) return launch(backward_held_kernel<T, 1, 2, kWarp>, warp_blocks, stream, p);
-    if (held && hw <= kWarp * 8) return launch(backward_held_kernel<T, 1, 8, kWarp>, warp_blocks, stream, p);
-    if (held && vec && hw <= kBlock * 4 * V) return launch(backward_held_kernel<T, V, 4, kBlock>, planes, stream, p);
-    if (held && vec && hw <= kBlock * 8 * V) return launch(backward_held_kernel<T, V, 8, kBlock>, planes, stream, p);
-    if (held && !vec && hw <= kBlock * 4) return launch(backward_held_kernel<T, 1, 4, kBlock>, planes, stream, p);
-    if (held && !vec && hw <= kBlock * 8) return launch(backward_held_kernel<T, 1, 8, kBlock>, planes, stream, p);
-    if (vec) return launch(backward_two_sweep_kernel<T, V, false>, planes, stream, p);
-    return launch(backward_two_sweep_kernel<T, 1, false>, planes, stream, p);
+    // As in the forward; two tensors are held here, so at most 8 packs of each.
+    const auto per_warp = [&](auto kernel) {  // kBlockWarps planes a block
+      return launch(kernel, ceil_div(planes, kBlockWarps), stream, p);
+    };
+    const auto per_block = [&](auto kernel) { return launch(kernel, planes, stream, p); };
+    if (held && hw <= kWarp * 2) return per_warp(backward_held_kernel<T, 1, 2, kWarp>);
+    if (held && hw <= kWarp * 8) return per_warp(backward_held_kernel<T, 1, 8, kWarp>);
+    if (held && vec && hw <= kBlock * 4 * V) return per_block(backward_held_kernel<T, V, 4, kBlock>);
+    if (held && vec && hw <= kBlock * 8 * V) return per_block(backward_held_kernel<T, V, 8, kBlock>);
+    if (held && !vec && hw <= kBlock * 4) return per_block(backward_held_kernel<T, 1, 4, kBlock>);
+    if (held && !vec && hw <= kBlock * 8) return per_block(backward_held_kernel<T, 1, 8, kBlock>);
+    return vec ? per_block(backward_two_sweep_kernel<T, V, false>)
+               : per_block(backward_two_sweep_kernel<T, 1, false>);
   }
 
   const bool pair_aligned = reinterpret_cast<uintptr_t>(p.grad_out) % (2 * sizeof(T)) == 0;
@@ -389,8 +398,10 @@ cudaError_t shuffle_attention_backward(const BackwardParams<T>& p, cudaStream_t 
 }
 
 template cudaError_t shuffle_attention_backward<float>(const BackwardParams<float>&, cudaStream_t);
-template cudaError_t shuffle_attention_backward<double>(const BackwardParams<double>&, cudaStream_t);
-template cudaError_t shuffle_attention_backward<__half>(const BackwardParams<__half>&, cudaStream_t);
+template cudaError_t shuffle_attention_backward<double>(const BackwardParams<double>&,
+                                                         cudaStream_t);
+template cudaError_t shuffle_attention_backward<__half>(const BackwardParams<__half>&,
+                                                         cudaStream_t);
 template cudaError_t shuffle_attention_backward<__nv_bfloat16>(const BackwardParams<__nv_bfloat16>&,
                                                                 cudaStream_t);
 

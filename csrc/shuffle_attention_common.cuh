@@ -49,7 +49,9 @@ __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162flo
 template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> v);
 template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
 template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
@@ -98,7 +100,8 @@ __device__ __forceinline__ void load_pair(const __half* p, __half& a, __half& b)
   a = v.x;
   b = v.y;
 }
-__device__ __forceinline__ void load_pair(const __nv_bfloat16* p, __nv_bfloat16& a, __nv_bfloat16& b) {
+__device__ __forceinline__ void load_pair(const __nv_bfloat16* p, __nv_bfloat16& a,
+                                          __nv_bfloat16& b) {
   const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(p);
   a = v.x;
   b = v.y;
@@ -136,7 +139,8 @@ struct PlaneIO {
   static_assert(!STRIDED || VEC == 1, "strided planes are accessed element by element");
   using P = Pack<T, VEC>;
 
-  __device__ __forceinline__ static P load(const T* plane, int64_t v, int width, const Strides4& s) {
+  __device__ __forceinline__ static P load(const T* plane, int64_t v, int width,
+                                           const Strides4& s) {
     if constexpr (STRIDED) {
       P r;
       r.v[0] = plane[strided_offset(v, width, s)];
@@ -243,12 +247,12 @@ __device__ __forceinline__ void write_partials(Acc* partials, int64_t plane, boo
 // Butterfly (xor) shuffles: every lane ends with the same bits, since a + b == b + a
 // exactly; the summation order is fixed by the lane numbering alone.
 
-template <int WIDTH, typename Acc, int N>
+template <typename Acc, int N>
 __device__ __forceinline__ void warp_allreduce(Acc (&v)[N]) {
 #pragma unroll
-  for (int offset = WIDTH / 2; offset > 0; offset /= 2) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
 #pragma unroll
-    for (int i = 0; i < N; ++i) v[i] += __shfl_xor_sync(kFullMask, v[i], offset, WIDTH);
+    for (int i = 0; i < N; ++i) v[i] += __shfl_xor_sync(kFullMask, v[i], offset);
   }
 }
 
@@ -256,7 +260,7 @@ __device__ __forceinline__ void warp_allreduce(Acc (&v)[N]) {
 // values. Ends with a barrier, so the caller may reuse `smem` at once.
 template <typename Acc, int N>
 __device__ __forceinline__ void block_allreduce(Acc (&v)[N], Acc* smem) {
-  warp_allreduce<kWarp>(v);
+  warp_allreduce(v);
   const int warp = threadIdx.x / kWarp;
   if (threadIdx.x % kWarp == 0) {
 #pragma unroll
@@ -278,7 +282,7 @@ template <int TEAM, typename Acc, int N>
 __device__ __forceinline__ void team_allreduce(Acc (&v)[N], Acc* smem) {
   static_assert(TEAM == kWarp || TEAM == kBlock, "a team is a warp or the block");
   if constexpr (TEAM == kWarp) {
-    warp_allreduce<kWarp>(v);
+    warp_allreduce(v);
   } else {
     block_allreduce(v, smem);
   }
@@ -296,7 +300,8 @@ struct Welford {
 
 // Chan et al.'s merge of two disjoint sets; empty sets are exact identities.
 template <typename Acc>
-__device__ __forceinline__ Welford<Acc> welford_merge(const Welford<Acc>& a, const Welford<Acc>& b) {
+__device__ __forceinline__ Welford<Acc> welford_merge(const Welford<Acc>& a,
+                                                      const Welford<Acc>& b) {
   if (b.n == 0) return a;
   if (a.n == 0) return b;
   const int n = a.n + b.n;

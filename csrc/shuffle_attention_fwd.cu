@@ -181,7 +181,8 @@ __global__ void __launch_bounds__(kBlock) forward_channels_last_kernel(const For
   const int64_t hw = p.shape.height * p.shape.width;
   const int64_t tiles = ceil_div(half_c, kPairs);
 
-  for (int64_t work = blockIdx.x; work < p.shape.batch * tiles; work += gridDim.x) {  // block-uniform
+  // The loop condition is uniform over the block.
+  for (int64_t work = blockIdx.x; work < p.shape.batch * tiles; work += gridDim.x) {
     const int64_t b = work / tiles;
     const int64_t j = (work % tiles) * kPairs + lane;
     const bool active = j < half_c;  // inactive lanes still reach every barrier
@@ -245,12 +246,15 @@ __global__ void __launch_bounds__(kBlock) forward_channels_last_kernel(const For
           const int64_t r = r0 + int64_t(u) * kRows;
           if (r < hw) {
             store_pair(out + r * channels + 2 * j,  // aligned: checked by the launcher
-                       gated<T>(to_acc(in0[u]), mean0, gate0), gated<T>(to_acc(in1[u]), mean1, gate1));
+                       gated<T>(to_acc(in0[u]), mean0, gate0),
+                       gated<T>(to_acc(in1[u]), mean1, gate1));
           }
         }
       }
     }
-    __syncthreads();  // the shared arrays are rewritten for the next work item
+    // No barrier needed before the next work item: it writes `partial` only after every
+    // thread has passed the second barrier above (so its readers are done), and the
+    // per-lane values read in sweep 2 only after everyone passed its own first barrier.
   }
 }
 
@@ -272,17 +276,20 @@ cudaError_t shuffle_attention_forward(const ForwardParams<T>& p, cudaStream_t st
     const bool vec = planes_vector_aligned(p.x, p.x_stride, n, V) &&
                      planes_vector_aligned(p.out, p.out_stride, n, V);
     const bool held = p.register_plane_limit < 0 || hw <= p.register_plane_limit;
-    const int64_t warp_blocks = ceil_div(planes, kBlockWarps);
-    // Held configurations, smallest first: a plane fits a team of TEAM threads holding
-    // ITEMS packs of VEC elements each when H * W <= TEAM * ITEMS * VEC.
-    if (held && hw <= kWarp * 2) return launch(forward_held_kernel<T, 1, 2, kWarp>, warp_blocks, stream, p);
-    if (held && hw <= kWarp * 8) return launch(forward_held_kernel<T, 1, 8, kWarp>, warp_blocks, stream, p);
-    if (held && vec && hw <= kBlock * 4 * V) return launch(forward_held_kernel<T, V, 4, kBlock>, planes, stream, p);
-    if (held && vec && hw <= kBlock * 16 * V) return launch(forward_held_kernel<T, V, 16, kBlock>, planes, stream, p);
-    if (held && !vec && hw <= kBlock * 4) return launch(forward_held_kernel<T, 1, 4, kBlock>, planes, stream, p);
-    if (held && !vec && hw <= kBlock * 16) return launch(forward_held_kernel<T, 1, 16, kBlock>, planes, stream, p);
-    if (vec) return launch(forward_two_sweep_kernel<T, V, false>, planes, stream, p);
-    return launch(forward_two_sweep_kernel<T, 1, false>, planes, stream, p);
+    // Held configurations, smallest first: a team of TEAM threads holding ITEMS packs of
+    // VEC elements fits a plane of H * W <= TEAM * ITEMS * VEC.
+    const auto per_warp = [&](auto kernel) {  // kBlockWarps planes a block
+      return launch(kernel, ceil_div(planes, kBlockWarps), stream, p);
+    };
+    const auto per_block = [&](auto kernel) { return launch(kernel, planes, stream, p); };
+    if (held && hw <= kWarp * 2) return per_warp(forward_held_kernel<T, 1, 2, kWarp>);
+    if (held && hw <= kWarp * 8) return per_warp(forward_held_kernel<T, 1, 8, kWarp>);
+    if (held && vec && hw <= kBlock * 4 * V) return per_block(forward_held_kernel<T, V, 4, kBlock>);
+    if (held && vec && hw <= kBlock * 16 * V) return per_block(forward_held_kernel<T, V, 16, kBlock>);
+    if (held && !vec && hw <= kBlock * 4) return per_block(forward_held_kernel<T, 1, 4, kBlock>);
+    if (held && !vec && hw <= kBlock * 16) return per_block(forward_held_kernel<T, 1, 16, kBlock>);
+    return vec ? per_block(forward_two_sweep_kernel<T, V, false>)
+               : per_block(forward_two_sweep_kernel<T, 1, false>);
   }
 
   const bool pair_aligned = reinterpret_cast<uintptr_t>(p.out) % (2 * sizeof(T)) == 0;

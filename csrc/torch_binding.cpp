@@ -18,7 +18,8 @@
 
 // The module is loaded for its op registrations; this makes `import sa_kernels._C` work.
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                               nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }
 
@@ -41,7 +42,8 @@ void dispatch_dtype(at::ScalarType dtype, const char* op, F&& f) {
     case at::kDouble: return f(Tag<double>{});
     case at::kHalf: return f(Tag<__half>{});  // same 16-bit layout as at::Half
     case at::kBFloat16: return f(Tag<__nv_bfloat16>{});  // same layout as at::BFloat16
-    default: TORCH_CHECK(false, op, ": x must be float32, float64, float16 or bfloat16, got ", dtype);
+    default:
+      TORCH_CHECK(false, op, ": x must be float32, float64, float16 or bfloat16, got ", dtype);
   }
 }
 
@@ -49,7 +51,9 @@ at::ScalarType acc_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
 
 Shape4 shape_of(const at::Tensor& t) { return {t.size(0), t.size(1), t.size(2), t.size(3)}; }
 
@@ -176,7 +180,9 @@ cuda_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
   const at::Tensor rstd_c = rstd.contiguous();
   at::Tensor partials = at::empty({x.size(0), x.size(1), 2}, x.options().dtype(acc));
   at::Tensor acc_grads[6];
-  for (int i = 0; i < 6; ++i) acc_grads[i] = at::empty({params[i]->numel()}, x.options().dtype(acc));
+  for (int i = 0; i < 6; ++i) {
+    acc_grads[i] = at::empty({params[i]->numel()}, x.options().dtype(acc));
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
 
   dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
@@ -206,7 +212,9 @@ cuda_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
   // Each gradient in its parameter's dtype and shape (a no-op conversion unless the
   // parameter is not in the accumulation type, e.g. float16 parameters).
   at::Tensor grads[6];
-  for (int i = 0; i < 6; ++i) grads[i] = acc_grads[i].to(params[i]->scalar_type()).view(params[i]->sizes());
+  for (int i = 0; i < 6; ++i) {
+    grads[i] = acc_grads[i].to(params[i]->scalar_type()).view(params[i]->sizes());
+  }
   return {grad_x, grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
 }
 

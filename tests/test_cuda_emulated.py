@@ -8,7 +8,6 @@ and path choice of every kernel; it cannot check GPU-only behaviour (memory mode
 vector instructions, speed): tests/test_cuda.py does that on a GPU.
 """
 import ctypes
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cuda_toolkit import cuda_include_dir
 from helpers import PARAM_GRAD_RTOL, TOLERANCES, assert_rel_close, random_input
 from sa_kernels.backends import torch_math
 
@@ -29,19 +29,6 @@ KERNEL_TYPE = {torch.float32: "float", torch.float64: "double", torch.float16: "
                torch.bfloat16: "__nv_bfloat16"}
 VEC = {torch.float32: 4, torch.float64: 2, torch.float16: 8, torch.bfloat16: 8}  # 16 bytes
 EPS = 1e-5
-
-
-def _cuda_include():
-    """The CUDA toolkit's include directory (cuda_fp16.h etc.), or None."""
-    candidates = []
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(Path(os.environ[var]) / "include")
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(Path(nvcc).resolve().parent.parent / "include")
-    candidates.append(Path("/usr/local/cuda/include"))
-    return next((str(c) for c in candidates if (c / "cuda_fp16.h").exists()), None)
 
 
 class Emulator:
@@ -99,7 +86,7 @@ class Emulator:
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     compiler = shutil.which("g++")
-    include = _cuda_include()
+    include = cuda_include_dir()
     if compiler is None or include is None:
         pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_fp16.h)")
     lib = tmp_path_factory.mktemp("cuda_emulation") / "sa_kernels_emulated.so"

@@ -63,7 +63,8 @@ GateParams<Acc> gate_params(const void* const* params, int64_t half) {
 }
 
 template <typename T>
-int forward(const void* x, const int64_t* xs, void* out, const int64_t* os, const void* const* params,
+int forward(const void* x, const int64_t* xs, void* out, const int64_t* os,
+            const void* const* params,
             int64_t half, void* mean, void* rstd, const int64_t* shape, double eps, int64_t limit) {
   using Acc = acc_t<T>;
   ForwardParams<T> p;

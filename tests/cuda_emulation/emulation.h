@@ -93,7 +93,8 @@ inline thread_local ThreadContext t_ctx;
 inline int lane() { return int(t_ctx.thread_idx.x) % kWarpSize; }
 
 inline void syncthreads() {
-  t_ctx.block_barrier->wait(int(t_ctx.thread_idx.x), "__syncthreads not reached by the whole block");
+  t_ctx.block_barrier->wait(int(t_ctx.thread_idx.x),
+                            "__syncthreads not reached by the whole block");
 }
 
 // Value of `v` in lane `src_of(lane)`, exchanged through the warp's buffer.
