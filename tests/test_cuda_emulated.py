@@ -8,6 +8,7 @@ and path choice of every kernel; it cannot check GPU-only behaviour (memory mode
 vector instructions, speed): tests/test_cuda.py does that on a GPU.
 """
 import ctypes
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -90,7 +91,11 @@ def emu(tmp_path_factory):
     if compiler is None or include is None:
         pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_fp16.h)")
     lib = tmp_path_factory.mktemp("cuda_emulation") / "sa_kernels_emulated.so"
-    cmd = [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{CSRC}",
+    # Extra flags: "-fsanitize=thread -g" has ThreadSanitizer look for shared-memory races
+    # between barriers; run pytest with LD_PRELOAD=$(g++ -print-file-name=libtsan.so) and
+    # OMP_NUM_THREADS=1 (torch's OpenMP threads are not instrumented: false reports).
+    extra = os.environ.get("SA_KERNELS_EMULATION_CXXFLAGS", "").split()
+    cmd = [compiler, "-std=c++20", "-O1", *extra, "-shared", "-fPIC", "-pthread", f"-I{CSRC}",
            f"-I{EMULATION}", "-isystem", include, str(EMULATION / "emulated_kernels.cpp"),
            "-o", str(lib), "-ldl"]
     result = subprocess.run(cmd, capture_output=True, text=True)
