@@ -9,8 +9,9 @@ from typing import Callable, NamedTuple
 import pytest
 import torch
 
-from helpers import (PARAM_NAMES, TOLERANCES, assert_matches_reference, assert_rel_close,
-                     fused_outputs, random_input, random_reference, reference_outputs)
+from helpers import (PARAM_GRAD_RTOL, PARAM_NAMES, TOLERANCES, assert_matches_reference,
+                     assert_rel_close, fused_outputs, random_input, random_reference,
+                     reference_outputs)
 from sa_kernels import FusedShuffleAttention
 from sa_kernels.backends import cuda_ext, unavailable_reason
 
@@ -124,9 +125,29 @@ def make_problem(case, dtype):
     return ref, fused, x, dy
 
 
-def run_fused(fused, x, dy, limit):
+def run_fused(fused, x, dy, limit=-1, call=None):
+    """Like helpers.fused_outputs, but x reaches the op exactly as given: fused_outputs clones
+    it, which re-aligns a misaligned view and makes a non-dense slice contiguous, so those
+    cases would never reach their kernels. x.detach() shares storage, strides and offset.
+    ``call`` runs the forward instead of ``fused`` (e.g. its torch.compile'd form)."""
+    x = x.detach().requires_grad_()
+    fused.zero_grad(set_to_none=True)
     with cuda_ext.register_plane_limit(limit):
-        return fused_outputs(fused, x, dy)
+        out = (fused if call is None else call)(x)
+        out.backward(dy)
+    return out.detach(), x.grad, {n: p.grad for n, p in fused.named_parameters()}
+
+
+def assert_close_to_reference(ref, x, dy, results):
+    """The comparison of helpers.assert_matches_reference, on results from run_fused."""
+    out, dx, grads = results
+    ref_out, ref_dx, ref_grads = reference_outputs(ref, x, dy)
+    tol = TOLERANCES[x.dtype]
+    assert out.dtype == x.dtype and dx.dtype == x.dtype
+    torch.testing.assert_close(out.to(torch.float64), ref_out, **tol, msg=lambda m: f"forward: {m}")
+    torch.testing.assert_close(dx.to(torch.float64), ref_dx, **tol, msg=lambda m: f"dx: {m}")
+    for name in PARAM_NAMES:
+        assert_rel_close(grads[name], ref_grads[name], PARAM_GRAD_RTOL[x.dtype], name)
 
 
 # 1x1 planes have zero variance, so dgn_weight is exactly 0; the float64 reference leaves
@@ -139,8 +160,7 @@ REFERENCE_CASES = [name for name in CASES if name != "warp_1x1"]
 def test_matches_reference(case_name, dtype):
     case = CASES[case_name]
     ref, fused, x, dy = make_problem(case, dtype)
-    with cuda_ext.register_plane_limit(case.limit):
-        assert_matches_reference(ref, fused, x, dy)
+    assert_close_to_reference(ref, x, dy, run_fused(fused, x, dy, case.limit))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -152,7 +172,7 @@ def test_matches_triton(case_name, dtype):
     case = CASES[case_name]
     ref, fused, x, dy = make_problem(case, dtype)
     out, dx, grads = run_fused(fused, x, dy, case.limit)
-    t_out, t_dx, t_grads = fused_outputs(FusedShuffleAttention.from_module(ref, backend="triton"), x, dy)
+    t_out, t_dx, t_grads = run_fused(FusedShuffleAttention.from_module(ref, backend="triton"), x, dy)
     # Each is within TOLERANCES of the float64 reference, so of each other within twice that.
     tol = {k: 2 * v for k, v in TOLERANCES[dtype].items()}
     torch.testing.assert_close(out, t_out, **tol)
@@ -166,8 +186,8 @@ def test_one_by_one_planes(dtype):
     """Against the torch backend on the same GPU: the same closed form, exact zeros included."""
     case = CASES["warp_1x1"]
     ref, fused, x, dy = make_problem(case, dtype)
-    out, dx, grads = fused_outputs(fused, x, dy)
-    t_out, t_dx, t_grads = fused_outputs(FusedShuffleAttention.from_module(ref, backend="torch"), x, dy)
+    out, dx, grads = run_fused(fused, x, dy)
+    t_out, t_dx, t_grads = run_fused(FusedShuffleAttention.from_module(ref, backend="torch"), x, dy)
     torch.testing.assert_close(out, t_out, **TOLERANCES[dtype])
     torch.testing.assert_close(dx, t_dx, **TOLERANCES[dtype])
     for name in PARAM_NAMES:
@@ -298,9 +318,8 @@ def test_torch_compile_fullgraph(memory_format, dtype):
     fused = FusedShuffleAttention.from_module(ref, backend="cuda")
     x = random_input((2, 64, 12, 12), dtype, "cuda", memory_format)
     dy = random_input(x.shape, dtype, "cuda", memory_format)
-    eager_out, eager_dx, eager_grads = fused_outputs(fused, x, dy)
-    compiled = torch.compile(fused, fullgraph=True)
-    out, dx, grads = fused_outputs(compiled, x, dy)
+    eager_out, eager_dx, eager_grads = run_fused(fused, x, dy)
+    out, dx, grads = run_fused(fused, x, dy, call=torch.compile(fused, fullgraph=True))
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out, eager_out, **tol)
     torch.testing.assert_close(dx, eager_dx, **tol)
