@@ -1,0 +1,363 @@
+// Device helpers shared by the forward and backward kernels: element conversion,
+// vector packs, per-plane gate coefficients, deterministic reductions, Welford merges.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "shuffle_attention.h"
+
+namespace sa_kernels {
+namespace detail {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+// Threads per block for every main kernel.
+constexpr int kBlock = 256;
+constexpr int kBlockWarps = kBlock / kWarp;
+// Grid-stride loops cover any number of planes with at most this many blocks.
+constexpr int64_t kMaxBlocks = int64_t(1) << 30;
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline unsigned grid_for(int64_t blocks) {
+  return unsigned(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
+}
+
+// Every launch goes through here so each one is followed by an error check. The CPU
+// emulation in tests/cuda_emulation compiles the kernels as host C++ and defines
+// SA_KERNELS_EMULATION to supply its own launch.
+#ifndef SA_KERNELS_EMULATION
+template <typename... KernelArgs, typename... Args>
+inline cudaError_t launch(void (*kernel)(KernelArgs...), int64_t blocks, cudaStream_t stream,
+                          const Args&... args) {
+  kernel<<<grid_for(blocks), kBlock, 0, stream>>>(args...);
+  return cudaGetLastError();
+}
+#endif
+
+// ---- element conversion: loads widen to Acc, stores round once ----------------------
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+__device__ __forceinline__ double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
+
+__device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }
+__device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
+
+// N consecutive elements, aligned to their full size, so a pack of 16 bytes is one
+// 128-bit load or store.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Two adjacent elements as one store (pointer aligned to 2 * sizeof(T)). Spelled with
+// CUDA's vector types: nvcc split a 2-element struct copy into two scalar stores.
+__device__ __forceinline__ void store_pair(float* p, float a, float b) {
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+__device__ __forceinline__ void store_pair(double* p, double a, double b) {
+  *reinterpret_cast<double2*>(p) = make_double2(a, b);
+}
+__device__ __forceinline__ void store_pair(__half* p, __half a, __half b) {
+  *reinterpret_cast<__half2*>(p) = __halves2half2(a, b);
+}
+__device__ __forceinline__ void store_pair(__nv_bfloat16* p, __nv_bfloat16 a, __nv_bfloat16 b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __halves2bfloat162(a, b);
+}
+
+// Two adjacent elements as one load (pointer aligned to 2 * sizeof(T)).
+__device__ __forceinline__ void load_pair(const float* p, float& a, float& b) {
+  const float2 v = *reinterpret_cast<const float2*>(p);
+  a = v.x;
+  b = v.y;
+}
+__device__ __forceinline__ void load_pair(const double* p, double& a, double& b) {
+  const double2 v = *reinterpret_cast<const double2*>(p);
+  a = v.x;
+  b = v.y;
+}
+__device__ __forceinline__ void load_pair(const __half* p, __half& a, __half& b) {
+  const __half2 v = *reinterpret_cast<const __half2*>(p);
+  a = v.x;
+  b = v.y;
+}
+__device__ __forceinline__ void load_pair(const __nv_bfloat16* p, __nv_bfloat16& a,
+                                          __nv_bfloat16& b) {
+  const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(p);
+  a = v.x;
+  b = v.y;
+}
+
+template <typename T> constexpr int kVec16 = int(16 / sizeof(T));  // elements per 16 bytes
+
+// Channels-last kernels: a block owns kPairs channel pairs (j, C/2 + j) of one image and
+// sweeps all its H * W positions with kBlock / kPairs rows of threads. Each run of
+// kPairs channels a warp reads is at least one whole 32-byte sector.
+template <typename T> constexpr int kChannelsLastPairs = sizeof(T) >= 4 ? 8 : 16;
+
+// ---- plane indexing ---------------------------------------------------------------
+
+// Input channel c = i * C/2 + j goes to output channel 2 * j + i.
+__device__ __forceinline__ int64_t output_channel(int64_t c, int64_t channels) {
+  const int64_t half_c = channels / 2;
+  return 2 * (c % half_c) + c / half_c;
+}
+
+// Offset of element `i` (0 <= i < H * W, row-major in the plane) of a plane with the
+// given strides: for planes that are not one contiguous run.
+__device__ __forceinline__ int64_t strided_offset(int64_t i, int width, const Strides4& s) {
+  const int i32 = int(i);  // H * W <= INT32_MAX (checked by the launchers)
+  const int h = i32 / width;
+  const int w = i32 - h * width;
+  return int64_t(h) * s.h + int64_t(w) * s.w;
+}
+
+// Loads and stores of element packs within one plane: either the plane is one
+// contiguous run (pack v covers elements [v * VEC, v * VEC + VEC)), or it is read
+// element by element through its H and W strides (VEC = 1).
+template <typename T, int VEC, bool STRIDED>
+struct PlaneIO {
+  static_assert(!STRIDED || VEC == 1, "strided planes are accessed element by element");
+  using P = Pack<T, VEC>;
+
+  __device__ __forceinline__ static P load(const T* plane, int64_t v, int width,
+                                           const Strides4& s) {
+    if constexpr (STRIDED) {
+      P r;
+      r.v[0] = plane[strided_offset(v, width, s)];
+      return r;
+    } else {
+      return reinterpret_cast<const P*>(plane)[v];
+    }
+  }
+
+  __device__ __forceinline__ static void store(T* plane, int64_t v, const P& pack, int width,
+                                               const Strides4& s) {
+    if constexpr (STRIDED) {
+      plane[strided_offset(v, width, s)] = pack.v[0];
+    } else {
+      reinterpret_cast<P*>(plane)[v] = pack;
+    }
+  }
+};
+
+// The gate of one plane, out = x * sigmoid(alpha * (x - mean) + beta), and where its
+// parameters live.
+template <typename Acc>
+struct PlaneGate {
+  Acc alpha, beta;
+  bool spatial;    // spatial-branch plane (else channel branch)
+  int64_t param;   // index into the six parameter arrays
+};
+
+template <typename Acc>
+__device__ __forceinline__ PlaneGate<Acc> plane_gate(const GateParams<Acc>& g, int64_t c,
+                                                     Acc mean, Acc rstd) {
+  const int64_t k = c % (2 * g.half);
+  PlaneGate<Acc> r;
+  if (k < g.half) {
+    r.spatial = false;
+    r.param = k;
+    r.alpha = Acc(0);
+    r.beta = g.cweight[k] * mean + g.cbias[k];
+  } else {
+    r.spatial = true;
+    r.param = k - g.half;
+    r.alpha = g.sweight[r.param] * g.gn_weight[r.param] * rstd;
+    r.beta = g.sweight[r.param] * g.gn_bias[r.param] + g.sbias[r.param];
+  }
+  return r;
+}
+
+template <typename T, typename Acc>
+__device__ __forceinline__ T gated(Acc x, Acc mean, const PlaneGate<Acc>& g) {
+  return from_acc<T>(x * sigmoid(g.alpha * (x - mean) + g.beta));
+}
+
+// Per element of the backward: the gate s, dt = dy * x * s * (1 - s) (the gradient at
+// the gate's pre-activation) and the centred input x - mean.
+template <typename Acc>
+struct ElementGrad {
+  Acc s, dt, xc;
+};
+
+template <typename Acc>
+__device__ __forceinline__ ElementGrad<Acc> element_grad(Acc x, Acc dy, Acc mean,
+                                                         const PlaneGate<Acc>& g) {
+  ElementGrad<Acc> r;
+  r.xc = x - mean;
+  r.s = sigmoid(g.alpha * r.xc + g.beta);
+  r.dt = dy * x * r.s * (Acc(1) - r.s);
+  return r;
+}
+
+// dx = dy * s + alpha * dt + k0 + k1 * (x - mean), with dt = dy * x * s * (1 - s) and,
+// from the plane sums S1 = sum(dt), S2 = sum(dt * xhat) over N elements:
+// channel planes k0 = cweight * S1 / N, k1 = 0 (alpha = 0);
+// spatial planes k0 = -alpha * S1 / N, k1 = -alpha * rstd * S2 / N.
+template <typename Acc>
+struct GradCoefficients {
+  Acc k0, k1;
+};
+
+template <typename T, typename Acc>
+__device__ __forceinline__ T grad_x(Acc dy, const ElementGrad<Acc>& e, const PlaneGate<Acc>& g,
+                                    const GradCoefficients<Acc>& k) {
+  return from_acc<T>(dy * e.s + g.alpha * e.dt + k.k0 + k.k1 * e.xc);
+}
+
+template <typename Acc>
+__device__ __forceinline__ GradCoefficients<Acc> grad_coefficients(const GateParams<Acc>& g,
+                                                                   const PlaneGate<Acc>& gate,
+                                                                   Acc rstd, Acc s1, Acc s2,
+                                                                   Acc inv_n) {
+  if (!gate.spatial) return {g.cweight[gate.param] * s1 * inv_n, Acc(0)};
+  return {-gate.alpha * s1 * inv_n, -gate.alpha * rstd * s2 * inv_n};
+}
+
+// What the parameter-gradient kernel sums over (batch, group) for this plane: S1 and,
+// for channel planes S1 * mean, for spatial planes S2.
+template <typename Acc>
+__device__ __forceinline__ void write_partials(Acc* partials, int64_t plane, bool spatial,
+                                               Acc s1, Acc s2, Acc mean) {
+  partials[2 * plane] = s1;
+  partials[2 * plane + 1] = spatial ? s2 : s1 * mean;
+}
+
+// ---- deterministic reductions -------------------------------------------------------
+// Butterfly (xor) shuffles: every lane ends with the same bits, since a + b == b + a
+// exactly; the summation order is fixed by the lane numbering alone.
+
+template <typename Acc, int N>
+__device__ __forceinline__ void warp_allreduce(Acc (&v)[N]) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] += __shfl_xor_sync(kFullMask, v[i], offset);
+  }
+}
+
+// Sum over the whole block, returned to every thread. `smem` holds kBlockWarps * N
+// values. Ends with a barrier, so the caller may reuse `smem` at once.
+template <typename Acc, int N>
+__device__ __forceinline__ void block_allreduce(Acc (&v)[N], Acc* smem) {
+  warp_allreduce(v);
+  const int warp = threadIdx.x / kWarp;
+  if (threadIdx.x % kWarp == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) smem[warp * N + i] = v[i];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    Acc total = smem[i];
+#pragma unroll
+    for (int w = 1; w < kBlockWarps; ++w) total += smem[w * N + i];
+    v[i] = total;
+  }
+  __syncthreads();
+}
+
+// Sum over a team of TEAM threads: one warp (shuffles only) or the whole block.
+template <int TEAM, typename Acc, int N>
+__device__ __forceinline__ void team_allreduce(Acc (&v)[N], Acc* smem) {
+  static_assert(TEAM == kWarp || TEAM == kBlock, "a team is a warp or the block");
+  if constexpr (TEAM == kWarp) {
+    warp_allreduce(v);
+  } else {
+    block_allreduce(v, smem);
+  }
+}
+
+// ---- Welford / Chan statistics -----------------------------------------------------
+
+// Count, mean and centred sum of squares of a set of values.
+template <typename Acc>
+struct Welford {
+  Acc mean;
+  Acc m2;
+  int n;  // <= H * W <= INT32_MAX
+};
+
+// Chan et al.'s merge of two disjoint sets; empty sets are exact identities.
+template <typename Acc>
+__device__ __forceinline__ Welford<Acc> welford_merge(const Welford<Acc>& a,
+                                                      const Welford<Acc>& b) {
+  if (b.n == 0) return a;
+  if (a.n == 0) return b;
+  const int n = a.n + b.n;
+  const Acc frac_b = Acc(b.n) / Acc(n);
+  const Acc delta = b.mean - a.mean;
+  Welford<Acc> r;
+  r.n = n;
+  r.mean = a.mean + delta * frac_b;
+  r.m2 = a.m2 + b.m2 + delta * delta * Acc(a.n) * frac_b;
+  return r;
+}
+
+// Statistics of the first `count` of `vals`, held in registers: mean first, then the
+// centred sum of squares from the same values (no E[x^2] - E[x]^2 cancellation).
+template <typename Acc, int N>
+__device__ __forceinline__ Welford<Acc> welford_of(const Acc (&vals)[N], int count) {
+  Welford<Acc> r{Acc(0), Acc(0), count};
+  if (count == 0) return r;
+  Acc sum = Acc(0);
+#pragma unroll
+  for (int i = 0; i < N; ++i) if (i < count) sum += vals[i];
+  r.mean = sum / Acc(count);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (i < count) {
+      const Acc d = vals[i] - r.mean;
+      r.m2 += d * d;
+    }
+  }
+  return r;
+}
+
+template <typename Acc>
+__device__ __forceinline__ Welford<Acc> shfl_down(const Welford<Acc>& s, int offset) {
+  Welford<Acc> r;
+  r.mean = __shfl_down_sync(kFullMask, s.mean, offset);
+  r.m2 = __shfl_down_sync(kFullMask, s.m2, offset);
+  r.n = __shfl_down_sync(kFullMask, s.n, offset);
+  return r;
+}
+
+// Merge over the block in a fixed tree order; every thread gets the result.
+// `smem` holds kBlockWarps states. Ends with a barrier.
+template <typename Acc>
+__device__ __forceinline__ Welford<Acc> block_welford(Welford<Acc> s, Welford<Acc>* smem) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) s = welford_merge(s, shfl_down(s, offset));
+  // Lane 0 of each warp now holds its warp's merge.
+  if (threadIdx.x % kWarp == 0) smem[threadIdx.x / kWarp] = s;
+  __syncthreads();
+  Welford<Acc> total = smem[0];
+#pragma unroll
+  for (int w = 1; w < kBlockWarps; ++w) total = welford_merge(total, smem[w]);
+  __syncthreads();
+  return total;
+}
+
+}  // namespace detail
+}  // namespace sa_kernels
