@@ -52,7 +52,7 @@ def reference_outputs(ref, x, dy):
 
 
 def fused_outputs(fused, x, dy):
-    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    x = x.detach().requires_grad_()  # the same storage, strides and alignment as given
     fused.zero_grad(set_to_none=True)
     out = fused(x)
     out.backward(dy)
@@ -76,12 +76,13 @@ def assert_matches_reference(ref, fused, x, dy=None):
 
 
 def assert_rel_close(actual, expected, rtol, what=""):
-    """‖actual − expected‖ ≤ rtol · ‖expected‖ (plus a floor for all-but-zero gradients)."""
+    """‖actual − expected‖ ≤ rtol · ‖expected‖, plus a floor for gradients that are zero in exact
+    arithmetic (gn_weight on 1x1 planes), where the float64 reference leaves ~1e-12 of rounding."""
     assert actual is not None, f"{what}: no gradient"
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     err = (actual.to(torch.float64) - expected).norm().item()
     scale = expected.norm().item()
-    assert err <= rtol * scale + 1e-12, f"{what}: relative error {err / max(scale, 1e-300):.3e} > {rtol}"
+    assert err <= rtol * scale + 1e-10, f"{what}: relative error {err / max(scale, 1e-300):.3e} > {rtol}"
 
 
 def naive_shuffle_attention(x, ref):

@@ -62,14 +62,20 @@ def unavailable_reason(name, device, build=True):
         except ImportError as e:
             reason = f"the {name} backend could not be imported ({e})"
         _reason_cache[key] = reason
+        if reason is None:  # built now, so "auto" (which never builds) may use it from here on
+            _reason_cache[(name, device.type, False)] = None
     return _reason_cache[key]
 
 
 def available_backends(device=None):
-    """Backends that can run on ``device`` (default: CUDA if present, else CPU), fastest first."""
+    """Backends that can run on ``device`` now (default: CUDA if present, else CPU), fastest first.
+
+    Nothing is compiled to answer: ``cuda`` is listed once its extension is built (by
+    ``pip install``, or by a first use of ``backend="cuda"``).
+    """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return [name for name in BACKENDS if unavailable_reason(name, device) is None]
+    return [name for name in BACKENDS if unavailable_reason(name, device, build=False) is None]
 
 
 def requested(backend):
