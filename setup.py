@@ -45,7 +45,7 @@ def cuda_extension():
         name="sa_kernels._C",
         sources=sources,
         include_dirs=[str(ROOT / CSRC)],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-lineinfo", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [extension], {"build_ext": BuildExtension}
 

@@ -70,12 +70,23 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 // Two adjacent elements as one store (pointer aligned to 2 * sizeof(T)). Spelled with
-// CUDA's vector types: nvcc split a 2-element struct copy into two scalar stores.
+// CUDA's vector types: nvcc split a 2-element struct copy into two scalar stores. For
+// float and double even a float2/double2 assignment came out as two st.global in the
+// channels_last kernels (nvcc 13.0, sm_90), so the device build stores through __stwb,
+// which keeps one st.global.wb.v2; the host-emulated build (tests) assigns.
 __device__ __forceinline__ void store_pair(float* p, float a, float b) {
+#ifdef __CUDA_ARCH__
+  __stwb(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
   *reinterpret_cast<float2*>(p) = make_float2(a, b);
+#endif
 }
 __device__ __forceinline__ void store_pair(double* p, double a, double b) {
+#ifdef __CUDA_ARCH__
+  __stwb(reinterpret_cast<double2*>(p), make_double2(a, b));
+#else
   *reinterpret_cast<double2*>(p) = make_double2(a, b);
+#endif
 }
 __device__ __forceinline__ void store_pair(__half* p, __half a, __half b) {
   *reinterpret_cast<__half2*>(p) = __halves2half2(a, b);

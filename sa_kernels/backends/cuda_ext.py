@@ -141,8 +141,8 @@ def _build():
         name=JIT_NAME,
         sources=sources,
         extra_include_paths=[str(sources_dir)],
-        extra_cflags=["-O3", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-lineinfo", "-std=c++17"],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-lineinfo"],  # the C++ standard is torch's own choice
         is_python_module=False,  # registers the ops through torch.ops.load_library
         verbose=False,
     )
