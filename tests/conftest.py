@@ -35,15 +35,13 @@ def dtype(request):
     return request.param
 
 
-
-# Under the interpreter a Triton program takes about a millisecond, so the broad shape grids
-# skip it there; tests/test_triton.py covers every Triton path on interpreter-sized shapes.
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 @pytest.fixture(params=sa_kernels.backends.BACKENDS)
 def backend(request, device):
-    """Each backend that can run on ``device``; skipped with the backend's own reason otherwise."""
+    """Each backend that can run on ``device``; skipped with the backend's own reason otherwise.
+
+    Under the interpreter a Triton program takes about a millisecond, so the broad shape grids
+    skip Triton on CPU; tests/test_triton.py covers every Triton path on interpreter-sized shapes.
+    """
     name = request.param
     reason = sa_kernels.backends.unavailable_reason(name, device)
     if reason is not None:
