@@ -8,10 +8,8 @@ above what was allocated before it. Skipped without CUDA: a full ResNet-50 step 
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
-from sa_kernels.bench import metrics
-from sa_kernels.models import sa_resnet50
+from sa_kernels.bench import metrics, workload
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -20,27 +18,10 @@ IMAGE = 224
 PRECISIONS = {"float32": None, "bf16-autocast": torch.bfloat16}
 
 
-def make_training_step(fused, autocast_dtype):
-    torch.manual_seed(0)
-    model = sa_resnet50(fused=fused).cuda().to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(BATCH, 3, IMAGE, IMAGE, device="cuda").to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (BATCH,), device="cuda")
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
 def test_sa_resnet50_training_step(benchmark, measure, bench_device, environment, fused, precision):
-    step = make_training_step(fused, PRECISIONS[precision])
+    step = workload.sa_resnet50_training_step(fused, bench_device, BATCH, IMAGE, PRECISIONS[precision])
     benchmark.group = f"sa_resnet50 train step, batch {BATCH}, {IMAGE}x{IMAGE}, {precision}"
     median = measure(step)
     if median is None:  # --benchmark-disable: one smoke step

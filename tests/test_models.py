@@ -1,10 +1,13 @@
 """SA-ResNet: SA placement, state_dict compatibility, and fused == reference inside a real network."""
 import copy
+import math
 
 import pytest
 import torch
 
 import sa_kernels
+from sa_kernels import FusedShuffleAttention, ShuffleAttention
+from sa_kernels.bench import workload
 from sa_kernels.models import SABottleneck, sa_resnet50, sa_resnet101
 from helpers import assert_rel_close
 
@@ -143,3 +146,16 @@ def test_fused_model_matches_reference_train():
         err_fused = (grads[name].double() - g64).norm() / scale
         err_ref = (ref_grads[name].double() - g64).norm() / scale
         assert err_fused <= 3 * err_ref + 1e-3, f"{name}: {err_fused:.2e} vs reference {err_ref:.2e}"
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_benchmark_training_step_trains(fused):
+    # The GPU benchmark's step (benchmarks/test_bench_sa_resnet.py), run small on CPU.
+    step = workload.sa_resnet50_training_step(fused, "cpu", batch=2, image=32)
+    conv = step.model.conv1.weight.detach().clone()
+    losses = [step().item() for _ in range(2)]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert all(p.grad is not None for p in step.model.parameters())  # backward reached every layer
+    assert not torch.equal(conv, step.model.conv1.weight)  # and the optimiser stepped
+    sa = [m for m in step.model.modules() if isinstance(m, (FusedShuffleAttention, ShuffleAttention))]
+    assert len(sa) == 16 and all(isinstance(m, FusedShuffleAttention) == fused for m in sa)

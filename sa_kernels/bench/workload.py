@@ -117,3 +117,32 @@ def forward_for_saved_bytes(module, rotation):
         x = rotation.next()[0]
         return module(x)
     return forward
+
+
+def sa_resnet50_training_step(fused, device, batch, image, autocast_dtype=None, seed=0):
+    """One SA-ResNet-50 training step (forward, cross-entropy, backward, SGD step) on fixed random data.
+
+    channels_last, as convolutional training runs on GPUs; ``autocast_dtype`` (e.g. bfloat16)
+    runs the step under autocast. Returns the step, which returns the loss.
+    """
+    from ..models import sa_resnet50
+
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = sa_resnet50(fused=fused).to(device=device, memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch, 3, image, image, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    step.model = model
+    return step
