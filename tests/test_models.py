@@ -118,34 +118,30 @@ def test_fused_model_matches_reference_eval(route):
 
 
 def test_fused_model_matches_reference_train():
-    """Training mode: same output and BatchNorm statistics; gradients as accurate as the float32 reference.
+    """Training mode: the same outputs and BatchNorm statistics in float32, the same gradients in float64.
 
-    With train-mode BatchNorm on a 2x2 last stage the gradients are badly
-    conditioned: the float32 reference itself is 1.9e-2 off its float64 copy on
-    some parameters here, and up to 47% over six other seeds. So float32 fused vs
-    float32 reference cannot be held to a tight bound; both are measured against
-    the float64 reference instead, and the fused gradient must be no further from
-    it than 3x the float32 reference's own error plus 1e-3 (measured here: at most
-    1.02x; over six seeds the worst ratio was 3.4, where the reference error was
-    2.4e-5, inside the 1e-3 floor). Output measured within 1.4e-5, statistics within 2.2e-5.
+    With train-mode BatchNorm over 2 samples of 2x2 planes in the last stage, the
+    gradients are badly conditioned: rounding differences of 1e-8 in any layer (two
+    correct float32 implementations differ by that much) come out as percent-level
+    differences in some parameter gradients, seed by seed. So float32 is held to the
+    forward, and the gradients are compared in float64, where the same amplification
+    leaves them far inside 1e-7.
     """
     ref = random_sa_reference().train()
     fused = sa_resnet50(fused=True, backend="torch").train()
     fused.load_state_dict(ref.state_dict())
-    ref64 = copy.deepcopy(ref).double()
+    ref64, fused64 = copy.deepcopy(ref).double(), copy.deepcopy(fused).double()
     x, dy = torch.randn(2, 3, 64, 64), torch.randn(2, 1000)
-    ref_out, ref_grads = forward_backward(ref, x, dy)
-    out, grads = forward_backward(fused, x, dy)
-    out64, grads64 = forward_backward(ref64, x.double(), dy)
+    ref_out, _ = forward_backward(ref, x, dy)
+    out, _ = forward_backward(fused, x, dy)
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out.double(), out64, atol=2e-4, rtol=1e-4)
     for (name, buf), ref_buf in zip(fused.named_buffers(), ref.buffers()):
         torch.testing.assert_close(buf, ref_buf, atol=1e-5, rtol=1e-4, msg=name)
-    for name, g64 in grads64.items():
-        scale = g64.norm()
-        err_fused = (grads[name].double() - g64).norm() / scale
-        err_ref = (ref_grads[name].double() - g64).norm() / scale
-        assert err_fused <= 3 * err_ref + 1e-3, f"{name}: {err_fused:.2e} vs reference {err_ref:.2e}"
+    ref_out64, ref_grads64 = forward_backward(ref64, x.double(), dy)
+    out64, grads64 = forward_backward(fused64, x.double(), dy)
+    torch.testing.assert_close(out64, ref_out64, atol=1e-10, rtol=1e-10)
+    for name, g in grads64.items():
+        assert_rel_close(g, ref_grads64[name], 1e-7, name)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
