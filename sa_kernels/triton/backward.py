@@ -18,8 +18,8 @@ written once). CHUNKED = True: sweep 1 accumulates S1, S2 chunk by chunk, sweep
 import triton
 import triton.language as tl
 
-from .plane_math import (as_acc, gate_coefficients, gate_grad, load_pair, load_shuffled_pair,
-                         program_planes, spatial_offsets, store_pair)
+from .plane_math import (as_acc, chunk_indices, gate_coefficients, gate_grad, load_pair,
+                         load_shuffled_pair, program_planes, spatial_offsets, store_pair)
 
 
 @triton.jit
@@ -60,9 +60,7 @@ def shuffle_attention_backward_kernel(
         s1_1 = tl.zeros([BLOCK_J], acc)
         s2_1 = tl.zeros([BLOCK_J], acc)
         for start in range(0, HW, BLOCK_HW):
-            hw = start + tl.arange(0, BLOCK_HW)
-            hwmask = hw < HW
-            mask = jmask[:, None] & hwmask[None, :]
+            hw, hwmask, mask = chunk_indices(start, HW, jmask, BLOCK_HW)
             x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
                                spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
             dy0, dy1 = load_shuffled_pair(dy_ptr, dy_base, j, q, dy_sc,
@@ -79,9 +77,7 @@ def shuffle_attention_backward_kernel(
         k0_1 = kc1 * s1_1 * inv_n
         k1_1 = -alpha1 * s2_1 * inv_n
         for start in range(0, HW, BLOCK_HW):
-            hw = start + tl.arange(0, BLOCK_HW)
-            hwmask = hw < HW
-            mask = jmask[:, None] & hwmask[None, :]
+            hw, hwmask, mask = chunk_indices(start, HW, jmask, BLOCK_HW)
             x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
                                spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
             dy0, dy1 = load_shuffled_pair(dy_ptr, dy_base, j, q, dy_sc,
@@ -94,9 +90,7 @@ def shuffle_attention_backward_kernel(
                        _dx(dys0, dt0, xhat0, alpha0, k0_0, k1_0),
                        _dx(dys1, dt1, xhat1, alpha1, k0_1, k1_1), I64)
     else:
-        hw = tl.arange(0, BLOCK_HW)
-        hwmask = hw < HW
-        mask = jmask[:, None] & hwmask[None, :]
+        hw, hwmask, mask = chunk_indices(0, HW, jmask, BLOCK_HW)
         x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
                            spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
         dy0, dy1 = load_shuffled_pair(dy_ptr, dy_base, j, q, dy_sc,

@@ -12,8 +12,9 @@ merges per-chunk statistics (Chan et al.), sweep 2 re-reads x, gates and writes.
 import triton
 import triton.language as tl
 
-from .plane_math import (as_acc, gate, gate_coefficients, load_pair, merge_chunk_stats,
-                         program_planes, reciprocal_sqrt, spatial_offsets, store_shuffled_pair)
+from .plane_math import (as_acc, chunk_indices, gate, gate_coefficients, load_pair,
+                         merge_chunk_stats, program_planes, reciprocal_sqrt, spatial_offsets,
+                         store_shuffled_pair)
 
 
 @triton.jit
@@ -39,9 +40,7 @@ def shuffle_attention_forward_kernel(
         mean1 = zero
         m21 = zero
         for start in range(0, HW, BLOCK_HW):
-            hw = start + tl.arange(0, BLOCK_HW)
-            hwmask = hw < HW
-            mask = jmask[:, None] & hwmask[None, :]
+            hw, hwmask, mask = chunk_indices(start, HW, jmask, BLOCK_HW)
             x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
                                spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
             n_a = as_acc(start, zero)
@@ -55,9 +54,7 @@ def shuffle_attention_forward_kernel(
         alpha1, beta1, _, _ = gate_coefficients(j + C2, jmask, mean1, rstd1, cw_ptr, cb_ptr, sw_ptr,
                                                 sb_ptr, gw_ptr, gb_ptr, HALF)
         for start in range(0, HW, BLOCK_HW):
-            hw = start + tl.arange(0, BLOCK_HW)
-            hwmask = hw < HW
-            mask = jmask[:, None] & hwmask[None, :]
+            hw, hwmask, mask = chunk_indices(start, HW, jmask, BLOCK_HW)
             x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
                                spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
             y0 = gate(x0.to(zero.dtype), mean0, alpha0, beta0)
@@ -66,9 +63,7 @@ def shuffle_attention_forward_kernel(
                                 spatial_offsets(hw, W, o_sh, o_sw, OUT_FLAT, I64),
                                 mask, qmask, hwmask, y0, y1, OUT_INTERLEAVED, I64)
     else:
-        hw = tl.arange(0, BLOCK_HW)
-        hwmask = hw < HW
-        mask = jmask[:, None] & hwmask[None, :]
+        hw, hwmask, mask = chunk_indices(0, HW, jmask, BLOCK_HW)
         x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
                            spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
         x0 = x0.to(zero.dtype)

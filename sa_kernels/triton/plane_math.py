@@ -28,6 +28,15 @@ def program_planes(num_jblocks, C2, BLOCK_J: tl.constexpr):
 
 
 @triton.jit
+def chunk_indices(start, HW, jmask, BLOCK_HW: tl.constexpr):
+    """Spatial indices ``hw`` of the chunk starting at ``start``, their mask, and the
+    [BLOCK_J, BLOCK_HW] tile mask."""
+    hw = start + tl.arange(0, BLOCK_HW)
+    hwmask = hw < HW
+    return hw, hwmask, jmask[:, None] & hwmask[None, :]
+
+
+@triton.jit
 def offset_index(i, I64: tl.constexpr):
     """Channel or spatial indices as offset operands: int64 when channels or a plane span 2**31 elements."""
     if I64:
