@@ -115,14 +115,8 @@ __global__ void __launch_bounds__(kBlock) backward_two_sweep_kernel(const Backwa
     Acc sums[2] = {Acc(0), Acc(0)};  // sum(dt), sum(dt * (x - mean))
     for (int64_t v0 = threadIdx.x; v0 < packs; v0 += kStep) {
       P in_x[kUnroll], in_dy[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = v0 + int64_t(u) * kBlock;
-        if (v < packs) {
-          in_x[u] = IO::load(x, v, width, p.x_stride);
-          in_dy[u] = IO::load(dy, v, width, p.grad_out_stride);
-        }
-      }
+      IO::load_unrolled(in_x, x, v0, kBlock, packs, width, p.x_stride);
+      IO::load_unrolled(in_dy, dy, v0, kBlock, packs, width, p.grad_out_stride);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (v0 + int64_t(u) * kBlock < packs) {
@@ -145,14 +139,8 @@ __global__ void __launch_bounds__(kBlock) backward_two_sweep_kernel(const Backwa
     T* dx = p.grad_x + b * p.grad_x_stride.b + c * p.grad_x_stride.c;
     for (int64_t v0 = threadIdx.x; v0 < packs; v0 += kStep) {
       P in_x[kUnroll], in_dy[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = v0 + int64_t(u) * kBlock;
-        if (v < packs) {
-          in_x[u] = IO::load(x, v, width, p.x_stride);
-          in_dy[u] = IO::load(dy, v, width, p.grad_out_stride);
-        }
-      }
+      IO::load_unrolled(in_x, x, v0, kBlock, packs, width, p.x_stride);
+      IO::load_unrolled(in_dy, dy, v0, kBlock, packs, width, p.grad_out_stride);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t v = v0 + int64_t(u) * kBlock;

@@ -161,6 +161,19 @@ struct PlaneIO {
     }
   }
 
+  // Packs v0, v0 + step, ... (kUnroll of them; those at or past `packs` are left alone),
+  // all loads issued before any is used, so they are in flight together.
+  template <int kUnroll>
+  __device__ __forceinline__ static void load_unrolled(P (&in)[kUnroll], const T* plane, int64_t v0,
+                                                       int64_t step, int64_t packs, int width,
+                                                       const Strides4& s) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * step;
+      if (v < packs) in[u] = load(plane, v, width, s);
+    }
+  }
+
   __device__ __forceinline__ static void store(T* plane, int64_t v, const P& pack, int width,
                                                const Strides4& s) {
     if constexpr (STRIDED) {

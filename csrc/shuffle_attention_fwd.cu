@@ -140,11 +140,7 @@ __global__ void __launch_bounds__(kBlock) forward_two_sweep_kernel(const Forward
     T* out = p.out + b * p.out_stride.b + output_channel(c, channels) * p.out_stride.c;
     for (int64_t v0 = threadIdx.x; v0 < packs; v0 += kStep) {
       P in[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = v0 + int64_t(u) * kBlock;
-        if (v < packs) in[u] = IO::load(x, v, width, p.x_stride);
-      }
+      IO::load_unrolled(in, x, v0, kBlock, packs, width, p.x_stride);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t v = v0 + int64_t(u) * kBlock;
