@@ -159,6 +159,25 @@ __global__ void __launch_bounds__(kBlock) backward_two_sweep_kernel(const Backwa
   }
 }
 
+// Rows r0, r0 + kRows, ... (kUnroll of them, those at or past hw left alone) of a
+// channels_last pair: x at channels j and C/2 + j, grad_out at the adjacent 2j, 2j + 1
+// (one aligned pair load: checked by the launcher). All loads issued before any use.
+template <int kUnroll, int kRows, typename T>
+__device__ __forceinline__ void load_channels_last_rows(T (&in_x)[2][kUnroll], T (&in_dy)[2][kUnroll],
+                                                        const T* x, const T* dy, int64_t r0,
+                                                        int64_t hw, int64_t channels,
+                                                        int64_t half_c, int64_t j) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t r = r0 + int64_t(u) * kRows;
+    if (r < hw) {
+      in_x[0][u] = x[r * channels + j];
+      in_x[1][u] = x[r * channels + half_c + j];
+      load_pair(dy + r * channels + 2 * j, in_dy[0][u], in_dy[1][u]);
+    }
+  }
+}
+
 // channels_last x, grad_out and grad_x (element (b, c, h, w) at (b * H * W + h * W + w)
 // * C + c). A block owns kPairs channel pairs (j, C/2 + j) of one image, as in the
 // forward; their grad_out channels 2j, 2j + 1 are adjacent and read as one pair.
@@ -207,15 +226,7 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_kernel(const Ba
     if (active) {
       for (int64_t r0 = row; r0 < hw; r0 += kStep) {
         T in_x[2][kUnroll], in_dy[2][kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t r = r0 + int64_t(u) * kRows;
-          if (r < hw) {
-            in_x[0][u] = x[r * channels + j];
-            in_x[1][u] = x[r * channels + half_c + j];
-            load_pair(dy + r * channels + 2 * j, in_dy[0][u], in_dy[1][u]);  // aligned: launcher
-          }
-        }
+        load_channels_last_rows<kUnroll, kRows>(in_x, in_dy, x, dy, r0, hw, channels, half_c, j);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           if (r0 + int64_t(u) * kRows < hw) {
@@ -261,15 +272,7 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_kernel(const Ba
       T* dx = p.grad_x + base;
       for (int64_t r0 = row; r0 < hw; r0 += kStep) {
         T in_x[2][kUnroll], in_dy[2][kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t r = r0 + int64_t(u) * kRows;
-          if (r < hw) {
-            in_x[0][u] = x[r * channels + j];
-            in_x[1][u] = x[r * channels + half_c + j];
-            load_pair(dy + r * channels + 2 * j, in_dy[0][u], in_dy[1][u]);
-          }
-        }
+        load_channels_last_rows<kUnroll, kRows>(in_x, in_dy, x, dy, r0, hw, channels, half_c, j);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t r = r0 + int64_t(u) * kRows;

@@ -28,6 +28,26 @@ def _dx(dys, dt, xhat, alpha, k0, k1):
 
 
 @triton.jit
+def _chunk_grads(start, HW, W, C2, j, jmask, q, qmask, x_ptr, x_base, x_sc, x_sh, x_sw,
+                 dy_ptr, dy_base, dy_sc, dy_sh, dy_sw, mean0, rstd0, alpha0, beta0,
+                 mean1, rstd1, alpha1, beta1, BLOCK_J: tl.constexpr, BLOCK_HW: tl.constexpr,
+                 X_FLAT: tl.constexpr, DY_FLAT: tl.constexpr, DY_INTERLEAVED: tl.constexpr,
+                 I64: tl.constexpr):
+    """x and grad_out of the pair's chunk at ``start``, through the gate: (hw, mask, and
+    dy * s, dt, xhat for each of the two planes), in the statistics' dtype."""
+    acc = mean0.dtype
+    hw, hwmask, mask = chunk_indices(start, HW, jmask, BLOCK_HW)
+    x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
+                       spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
+    dy0, dy1 = load_shuffled_pair(dy_ptr, dy_base, j, q, dy_sc,
+                                  spatial_offsets(hw, W, dy_sh, dy_sw, DY_FLAT, I64),
+                                  mask, qmask, hwmask, BLOCK_J, BLOCK_HW, DY_INTERLEAVED, I64)
+    dys0, dt0, xhat0 = gate_grad(x0.to(acc), dy0.to(acc), mean0, rstd0, alpha0, beta0)
+    dys1, dt1, xhat1 = gate_grad(x1.to(acc), dy1.to(acc), mean1, rstd1, alpha1, beta1)
+    return hw, mask, dys0, dt0, xhat0, dys1, dt1, xhat1
+
+
+@triton.jit
 def shuffle_attention_backward_kernel(
         dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, ws_ptr,
         cw_ptr, cb_ptr, sw_ptr, sb_ptr, gw_ptr, gb_ptr,
@@ -60,14 +80,10 @@ def shuffle_attention_backward_kernel(
         s1_1 = tl.zeros([BLOCK_J], acc)
         s2_1 = tl.zeros([BLOCK_J], acc)
         for start in range(0, HW, BLOCK_HW):
-            hw, hwmask, mask = chunk_indices(start, HW, jmask, BLOCK_HW)
-            x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
-                               spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
-            dy0, dy1 = load_shuffled_pair(dy_ptr, dy_base, j, q, dy_sc,
-                                          spatial_offsets(hw, W, dy_sh, dy_sw, DY_FLAT, I64),
-                                          mask, qmask, hwmask, BLOCK_J, BLOCK_HW, DY_INTERLEAVED, I64)
-            _, dt0, xhat0 = gate_grad(x0.to(acc), dy0.to(acc), mean0, rstd0, alpha0, beta0)
-            _, dt1, xhat1 = gate_grad(x1.to(acc), dy1.to(acc), mean1, rstd1, alpha1, beta1)
+            hw, mask, _, dt0, xhat0, _, dt1, xhat1 = _chunk_grads(
+                start, HW, W, C2, j, jmask, q, qmask, x_ptr, x_base, x_sc, x_sh, x_sw,
+                dy_ptr, dy_base, dy_sc, dy_sh, dy_sw, mean0, rstd0, alpha0, beta0,
+                mean1, rstd1, alpha1, beta1, BLOCK_J, BLOCK_HW, X_FLAT, DY_FLAT, DY_INTERLEAVED, I64)
             s1_0 += tl.sum(dt0, axis=1)
             s2_0 += tl.sum(dt0 * xhat0, axis=1)
             s1_1 += tl.sum(dt1, axis=1)
@@ -77,27 +93,19 @@ def shuffle_attention_backward_kernel(
         k0_1 = kc1 * s1_1 * inv_n
         k1_1 = -alpha1 * s2_1 * inv_n
         for start in range(0, HW, BLOCK_HW):
-            hw, hwmask, mask = chunk_indices(start, HW, jmask, BLOCK_HW)
-            x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
-                               spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
-            dy0, dy1 = load_shuffled_pair(dy_ptr, dy_base, j, q, dy_sc,
-                                          spatial_offsets(hw, W, dy_sh, dy_sw, DY_FLAT, I64),
-                                          mask, qmask, hwmask, BLOCK_J, BLOCK_HW, DY_INTERLEAVED, I64)
-            dys0, dt0, xhat0 = gate_grad(x0.to(acc), dy0.to(acc), mean0, rstd0, alpha0, beta0)
-            dys1, dt1, xhat1 = gate_grad(x1.to(acc), dy1.to(acc), mean1, rstd1, alpha1, beta1)
+            hw, mask, dys0, dt0, xhat0, dys1, dt1, xhat1 = _chunk_grads(
+                start, HW, W, C2, j, jmask, q, qmask, x_ptr, x_base, x_sc, x_sh, x_sw,
+                dy_ptr, dy_base, dy_sc, dy_sh, dy_sw, mean0, rstd0, alpha0, beta0,
+                mean1, rstd1, alpha1, beta1, BLOCK_J, BLOCK_HW, X_FLAT, DY_FLAT, DY_INTERLEAVED, I64)
             store_pair(dx_ptr, dx_base, j, C2, dx_sc,
                        spatial_offsets(hw, W, dx_sh, dx_sw, DX_FLAT, I64), mask,
                        _dx(dys0, dt0, xhat0, alpha0, k0_0, k1_0),
                        _dx(dys1, dt1, xhat1, alpha1, k0_1, k1_1), I64)
     else:
-        hw, hwmask, mask = chunk_indices(0, HW, jmask, BLOCK_HW)
-        x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
-                           spatial_offsets(hw, W, x_sh, x_sw, X_FLAT, I64), mask, I64)
-        dy0, dy1 = load_shuffled_pair(dy_ptr, dy_base, j, q, dy_sc,
-                                      spatial_offsets(hw, W, dy_sh, dy_sw, DY_FLAT, I64),
-                                      mask, qmask, hwmask, BLOCK_J, BLOCK_HW, DY_INTERLEAVED, I64)
-        dys0, dt0, xhat0 = gate_grad(x0.to(acc), dy0.to(acc), mean0, rstd0, alpha0, beta0)
-        dys1, dt1, xhat1 = gate_grad(x1.to(acc), dy1.to(acc), mean1, rstd1, alpha1, beta1)
+        hw, mask, dys0, dt0, xhat0, dys1, dt1, xhat1 = _chunk_grads(
+            0, HW, W, C2, j, jmask, q, qmask, x_ptr, x_base, x_sc, x_sh, x_sw,
+            dy_ptr, dy_base, dy_sc, dy_sh, dy_sw, mean0, rstd0, alpha0, beta0,
+            mean1, rstd1, alpha1, beta1, BLOCK_J, BLOCK_HW, X_FLAT, DY_FLAT, DY_INTERLEAVED, I64)
         s1_0 = tl.sum(dt0, axis=1)
         s2_0 = tl.sum(dt0 * xhat0, axis=1)
         s1_1 = tl.sum(dt1, axis=1)

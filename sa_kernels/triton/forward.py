@@ -18,6 +18,19 @@ from .plane_math import (as_acc, chunk_indices, gate, gate_coefficients, load_pa
 
 
 @triton.jit
+def _pair_gates(j, jmask, C2, mean0, m20, mean1, m21, n, eps,
+                cw_ptr, cb_ptr, sw_ptr, sb_ptr, gw_ptr, gb_ptr, HALF):
+    """rstd and gate coefficients of the pair's planes (channels j and C2 + j) from their statistics."""
+    rstd0 = reciprocal_sqrt(m20 / n + eps)
+    rstd1 = reciprocal_sqrt(m21 / n + eps)
+    alpha0, beta0, _, _ = gate_coefficients(j, jmask, mean0, rstd0, cw_ptr, cb_ptr, sw_ptr,
+                                            sb_ptr, gw_ptr, gb_ptr, HALF)
+    alpha1, beta1, _, _ = gate_coefficients(j + C2, jmask, mean1, rstd1, cw_ptr, cb_ptr, sw_ptr,
+                                            sb_ptr, gw_ptr, gb_ptr, HALF)
+    return rstd0, alpha0, beta0, rstd1, alpha1, beta1
+
+
+@triton.jit
 def shuffle_attention_forward_kernel(
         x_ptr, out_ptr, mean_ptr, rstd_ptr,
         cw_ptr, cb_ptr, sw_ptr, sb_ptr, gw_ptr, gb_ptr,
@@ -47,12 +60,9 @@ def shuffle_attention_forward_kernel(
             n_b = as_acc(tl.minimum(HW - start, BLOCK_HW), zero)
             mean0, m20 = merge_chunk_stats(mean0, m20, n_a, x0.to(zero.dtype), mask, n_b)
             mean1, m21 = merge_chunk_stats(mean1, m21, n_a, x1.to(zero.dtype), mask, n_b)
-        rstd0 = reciprocal_sqrt(m20 / n + eps)
-        rstd1 = reciprocal_sqrt(m21 / n + eps)
-        alpha0, beta0, _, _ = gate_coefficients(j, jmask, mean0, rstd0, cw_ptr, cb_ptr, sw_ptr,
-                                                sb_ptr, gw_ptr, gb_ptr, HALF)
-        alpha1, beta1, _, _ = gate_coefficients(j + C2, jmask, mean1, rstd1, cw_ptr, cb_ptr, sw_ptr,
-                                                sb_ptr, gw_ptr, gb_ptr, HALF)
+        rstd0, alpha0, beta0, rstd1, alpha1, beta1 = _pair_gates(
+            j, jmask, C2, mean0, m20, mean1, m21, n, eps,
+            cw_ptr, cb_ptr, sw_ptr, sb_ptr, gw_ptr, gb_ptr, HALF)
         for start in range(0, HW, BLOCK_HW):
             hw, hwmask, mask = chunk_indices(start, HW, jmask, BLOCK_HW)
             x0, x1 = load_pair(x_ptr, x_base, j, C2, x_sc,
@@ -70,12 +80,9 @@ def shuffle_attention_forward_kernel(
         x1 = x1.to(zero.dtype)
         mean0, m20 = merge_chunk_stats(zero, zero, 0.0, x0, mask, n)
         mean1, m21 = merge_chunk_stats(zero, zero, 0.0, x1, mask, n)
-        rstd0 = reciprocal_sqrt(m20 / n + eps)
-        rstd1 = reciprocal_sqrt(m21 / n + eps)
-        alpha0, beta0, _, _ = gate_coefficients(j, jmask, mean0, rstd0, cw_ptr, cb_ptr, sw_ptr,
-                                                sb_ptr, gw_ptr, gb_ptr, HALF)
-        alpha1, beta1, _, _ = gate_coefficients(j + C2, jmask, mean1, rstd1, cw_ptr, cb_ptr, sw_ptr,
-                                                sb_ptr, gw_ptr, gb_ptr, HALF)
+        rstd0, alpha0, beta0, rstd1, alpha1, beta1 = _pair_gates(
+            j, jmask, C2, mean0, m20, mean1, m21, n, eps,
+            cw_ptr, cb_ptr, sw_ptr, sb_ptr, gw_ptr, gb_ptr, HALF)
         y0 = gate(x0, mean0, alpha0, beta0)
         y1 = gate(x1, mean1, alpha1, beta1)
         store_shuffled_pair(out_ptr, o_base, j, q, o_sc,
