@@ -1,56 +1,117 @@
-"""Build script: the pure-Python package always; the CUDA extension where it can be built.
+"""Build script: the Python package always; the native extension wherever a compiler is present.
 
-The extension (``sa_kernels._C``) is compiled when torch with CUDA and nvcc are
-present at build time (``pip install --no-build-isolation .``), for the
-architectures in ``TORCH_CUDA_ARCH_LIST`` with ``MAX_JOBS`` parallel jobs (ninja;
-torch's BuildExtension reads both). ``SA_KERNELS_SKIP_CUDA_BUILD=1`` skips it.
-Without it the package still installs; the CUDA backend then compiles itself on
-first use. The CUDA/C++ sources in csrc/ ship inside the package as
-``sa_kernels/_csrc`` either way, which is what that first-use build compiles.
+Extension modules, each optional (a build that fails leaves the package working through
+the backends it has, and says so in one line):
+
+* ``sa_kernels._C``: the native ops' schemas and their autograd, in C++.
+* ``sa_kernels._cpu_default`` (and on x86-64 ``_cpu_avx2``, ``_cpu_avx512``): the fused
+  CPU kernels, built once per CPU capability like PyTorch's own kernels; the one matching
+  the capability torch runs with is loaded.
+* ``sa_kernels._cuda``: the CUDA kernels, where torch has CUDA and ``nvcc`` is found,
+  for ``TORCH_CUDA_ARCH_LIST`` with ``MAX_JOBS`` parallel jobs.
+
+Build with ``pip install --no-build-isolation .`` so the extension is compiled against the
+torch you run. ``SA_KERNELS_SKIP_CUDA_BUILD=1`` skips the CUDA module (the cuda backend then
+compiles it on first use); ``SA_KERNELS_SKIP_NATIVE_BUILD=1`` skips every module (pure Python).
+The CUDA sources ship inside the package as ``sa_kernels/_csrc`` for that first-use build.
 """
 import os
+import platform
+import shutil
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
-SOURCE_PATTERNS = ["*.h", "*.cuh", "*.cu", "*.cpp"]
+SOURCE_PATTERNS = ["*.h", "*.cuh", "*.cu", "*.cpp", "torch_ops/*.h"]
+CXX_FLAGS = ["-O3", "-Wno-unknown-pragmas"]  # ATen's vector headers carry `#pragma unroll`
+
+# CPU capability -> (compiler flags, macros), as PyTorch builds its own CPU kernels.
+CPU_CAPABILITIES = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
 
 
 def _note(message):
-    print(f"sa_kernels setup: {message}")
+    print(f"sa_kernels setup: {message}", flush=True)
 
 
-def cuda_extension():
-    """(ext_modules, cmdclass) building sa_kernels._C, or ([], {}) where it cannot be built."""
-    if os.environ.get("SA_KERNELS_SKIP_CUDA_BUILD", "").strip() == "1":
-        _note("SA_KERNELS_SKIP_CUDA_BUILD=1: not building the CUDA extension")
+def _is_x86_64():
+    return platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
+
+
+def native_extensions():
+    """(ext_modules, cmdclass) for the native extension, or ([], {}) where it cannot be built."""
+    if os.environ.get("SA_KERNELS_SKIP_NATIVE_BUILD", "").strip() == "1":
+        _note("SA_KERNELS_SKIP_NATIVE_BUILD=1: pure Python install (torch and triton backends)")
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         _note("torch is not importable at build time (build with `pip install --no-build-isolation .`): "
-              "not building the CUDA extension; it compiles on first use instead")
+              "pure Python install, the native CPU and CUDA kernels are not built")
         return [], {}
-    if torch.version.cuda is None:
-        _note(f"torch {torch.__version__} has no CUDA: not building the CUDA extension")
-        return [], {}
-    if CUDA_HOME is None:
-        _note("nvcc not found (set CUDA_HOME): not building the CUDA extension")
-        return [], {}
-    sources = sorted(f"{CSRC}/{p.name}" for p in (ROOT / CSRC).iterdir() if p.suffix in (".cu", ".cpp"))
-    extension = CUDAExtension(
-        name="sa_kernels._C",
-        sources=sources,
-        include_dirs=[str(ROOT / CSRC)],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
-    )
-    return [extension], {"build_ext": BuildExtension}
+
+    include_dirs = [str(ROOT / CSRC)]
+    ops_sources = [f"{CSRC}/torch_ops/{name}.cpp" for name in ("ops", "autograd", "python_bindings")]
+    extensions = [CppExtension("sa_kernels._C", ops_sources, include_dirs=include_dirs,
+                               extra_compile_args={"cxx": CXX_FLAGS})]
+    capabilities = list(CPU_CAPABILITIES) if _is_x86_64() else ["default"]
+    for isa in capabilities:
+        macros = [f"-DCPU_CAPABILITY={isa.upper()}", f"-DCPU_CAPABILITY_{isa.upper()}"]
+        extensions.append(CppExtension(
+            f"sa_kernels._cpu_{isa}", [f"{CSRC}/torch_ops/cpu_module_{isa}.cpp"], include_dirs=include_dirs,
+            extra_compile_args={"cxx": CXX_FLAGS + macros + CPU_CAPABILITIES[isa]}))
+
+    if os.environ.get("SA_KERNELS_SKIP_CUDA_BUILD", "").strip() == "1":
+        _note("SA_KERNELS_SKIP_CUDA_BUILD=1: not building the CUDA kernels")
+    elif torch.version.cuda is None:
+        _note(f"torch {torch.__version__} has no CUDA: building the CPU kernels only")
+    elif CUDA_HOME is None:
+        _note("nvcc not found (set CUDA_HOME): building the CPU kernels only; the cuda backend "
+              "compiles itself on first use")
+    else:
+        sources = [f"{CSRC}/torch_binding.cpp"] + sorted(f"{CSRC}/{p.name}" for p in (ROOT / CSRC).glob("*.cu"))
+        extensions.append(CUDAExtension(
+            "sa_kernels._cuda", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-lineinfo"]}))
+    return extensions, {"build_ext": _optional_build(BuildExtension)}
 
 
-ext_modules, cmdclass = cuda_extension()
+def _optional_build(base):
+    """A build_ext that treats every extension as optional: a failure is one line, not an error."""
+
+    class OptionalBuildExtension(base):
+        def build_extensions(self):
+            compiler = getattr(self.compiler, "compiler_cxx", None) or [os.environ.get("CXX", "c++")]
+            if shutil.which(compiler[0]) is None:
+                _note(f"no C++ compiler ({compiler[0]}) found: pure Python install; the torch backend runs "
+                      f"on CPU (install a compiler and reinstall for the native kernels)")
+                self.extensions = []
+                return
+            self._failed = set()
+            super().build_extensions()
+            # Later steps (copying, the editable wheel) only see what was built.
+            self.extensions = [ext for ext in self.extensions if ext.name not in self._failed]
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # noqa: BLE001 -- any failure leaves the other backends working
+                self._failed.add(ext.name)
+                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                _note(f"could not build {ext.name} ({type(e).__name__}: {first_line}); "
+                      f"the package works without it")
+
+    return OptionalBuildExtension
+
+
+ext_modules, cmdclass = native_extensions()
 
 setup(
     packages=find_packages(include=["sa_kernels", "sa_kernels.*"]) + ["sa_kernels._csrc"],

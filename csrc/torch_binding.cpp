@@ -1,9 +1,8 @@
-// Torch binding of the Shuffle Attention CUDA kernels: the ops
-// sa_kernels::cuda_forward / cuda_backward (schemas below, CUDA implementations here).
-// Input checks, device guard, current stream, outputs allocated through PyTorch's
-// allocator; the kernels themselves (shuffle_attention_*.cu) know nothing of torch.
-#include <Python.h>
-
+// Torch binding of the Shuffle Attention CUDA kernels: the CUDA implementations of the
+// native ops sa_kernels::shuffle_attention / shuffle_attention_backward (schemas in
+// torch_ops/ops.cpp). Input checks, device guard, current stream, outputs allocated
+// through PyTorch's allocator; the kernels themselves (shuffle_attention_*.cu) know
+// nothing of torch. Built as the module sa_kernels._cuda, or on first use.
 #include <atomic>
 #include <cstdint>
 #include <limits>
@@ -15,13 +14,10 @@
 #include <torch/library.h>
 
 #include "shuffle_attention.h"
+#include "torch_ops/op_checks.h"
+#include "torch_ops/python_module.h"
 
-// The module is loaded for its op registrations; this makes `import sa_kernels._C` work.
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
-                               nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
-}
+SA_KERNELS_PYTHON_MODULE(_cuda)
 
 namespace sa_kernels {
 namespace {
@@ -47,37 +43,16 @@ void dispatch_dtype(at::ScalarType dtype, const char* op, F&& f) {
   }
 }
 
-at::ScalarType acc_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 Strides4 strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
 Shape4 shape_of(const at::Tensor& t) { return {t.size(0), t.size(1), t.size(2), t.size(3)}; }
 
-const char* const kParamNames[6] = {"cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias"};
-
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor* const (&params)[6],
-                  int64_t groups) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(groups >= 1, op, ": groups must be positive, got ", groups);
-  const int64_t half = params[0]->numel();
-  TORCH_CHECK(x.size(1) == 2 * groups * half, op, ": x has ", x.size(1),
-              " channels, expected 2 * groups * half = 2 * ", groups, " * ", half);
-  for (int i = 0; i < 6; ++i) {
-    const at::Tensor& p = *params[i];
-    TORCH_CHECK(p.device() == x.device(), op, ": ", kParamNames[i], " is on ", p.device(),
-                ", expected x's device ", x.device());
-    TORCH_CHECK(at::isFloatingType(p.scalar_type()), op, ": ", kParamNames[i],
-                " must be floating point, got ", p.scalar_type());
-    TORCH_CHECK(p.numel() == half, op, ": ", kParamNames[i], " has ", p.numel(),
-                " values, expected half = ", half);
-  }
-  TORCH_CHECK(x.size(2) * x.size(3) <= std::numeric_limits<int32_t>::max(), op,
-              ": planes of more than 2^31 - 1 elements are not supported, got H * W = ",
+// What only the CUDA kernels need, beyond the shared checks: 32-bit indices within a plane.
+void check_plane_size(const at::Tensor& x) {
+  TORCH_CHECK(x.size(2) * x.size(3) <= std::numeric_limits<int32_t>::max(),
+              "sa_kernels (cuda): planes of more than 2^31 - 1 elements are not supported, got H * W = ",
               x.size(2) * x.size(3));
 }
 
@@ -100,16 +75,17 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_attention_cuda(
     const at::Tensor& x, const at::Tensor& cweight, const at::Tensor& cbias,
     const at::Tensor& sweight, const at::Tensor& sbias, const at::Tensor& gn_weight,
     const at::Tensor& gn_bias, int64_t groups, double eps) {
-  constexpr const char* op = "sa_kernels::cuda_forward";
-  const at::Tensor* const params[6] = {&cweight, &cbias, &sweight, &sbias, &gn_weight, &gn_bias};
-  check_inputs(op, x, params, groups);
+  constexpr const char* op = "sa_kernels::shuffle_attention (cuda)";
+  const checks::ParamRefs params = {&cweight, &cbias, &sweight, &sbias, &gn_weight, &gn_bias};
+  checks::check_inputs(x, params, groups);
+  check_plane_size(x);
   const c10::cuda::CUDAGuard guard(x.device());
 
-  const at::ScalarType acc = acc_dtype(x.scalar_type());
+  const at::ScalarType acc = checks::acc_dtype(x.scalar_type());
   at::Tensor out = at::empty_like(x);  // x's memory format and strides, as the fake kernel
   at::Tensor mean = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc));
   at::Tensor rstd = at::empty_like(mean);
@@ -143,28 +119,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-cuda_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& cweight,
+shuffle_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& cweight,
               const at::Tensor& cbias, const at::Tensor& sweight, const at::Tensor& sbias,
               const at::Tensor& gn_weight, const at::Tensor& gn_bias, const at::Tensor& mean,
               const at::Tensor& rstd, int64_t groups, double eps) {
   (void)eps;  // rstd already holds it
-  constexpr const char* op = "sa_kernels::cuda_backward";
-  const at::Tensor* const params[6] = {&cweight, &cbias, &sweight, &sbias, &gn_weight, &gn_bias};
-  check_inputs(op, x, params, groups);
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
-              ", expected x's shape ", x.sizes());
-  TORCH_CHECK(grad_out.device() == x.device(), op, ": grad_out is on ", grad_out.device(),
-              ", expected ", x.device());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out has dtype ",
-              grad_out.scalar_type(), ", expected x's dtype ", x.scalar_type());
-  const at::ScalarType acc = acc_dtype(x.scalar_type());
-  for (const at::Tensor* t : {&mean, &rstd}) {
-    TORCH_CHECK(t->device() == x.device() && t->scalar_type() == acc && t->dim() == 2 &&
-                    t->size(0) == x.size(0) && t->size(1) == x.size(1),
-                op, ": mean and rstd must be the forward's (B, C) statistics of dtype ", acc,
-                " on ", x.device(), ", got shape ", t->sizes(), ", dtype ", t->scalar_type(),
-                " on ", t->device());
-  }
+  constexpr const char* op = "sa_kernels::shuffle_attention_backward (cuda)";
+  const checks::ParamRefs params = {&cweight, &cbias, &sweight, &sbias, &gn_weight, &gn_bias};
+  checks::check_backward_inputs(grad_out, x, params, mean, rstd, groups);
+  check_plane_size(x);
+  const at::ScalarType acc = checks::acc_dtype(x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
 
   at::Tensor grad_x = at::empty_like(x);  // x's memory format and strides, as the fake kernel
@@ -222,18 +186,11 @@ cuda_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
 }  // namespace sa_kernels
 
 TORCH_LIBRARY_FRAGMENT(sa_kernels, m) {
-  m.def(
-      "cuda_forward(Tensor x, Tensor cweight, Tensor cbias, Tensor sweight, Tensor sbias, "
-      "Tensor gn_weight, Tensor gn_bias, int groups, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "cuda_backward(Tensor grad_out, Tensor x, Tensor cweight, Tensor cbias, Tensor sweight, "
-      "Tensor sbias, Tensor gn_weight, Tensor gn_bias, Tensor mean, Tensor rstd, int groups, "
-      "float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Test hook: returns the previous limit.
   m.def("cuda_set_register_plane_limit(int limit) -> int", &sa_kernels::set_register_plane_limit);
 }
 
 TORCH_LIBRARY_IMPL(sa_kernels, CUDA, m) {
-  m.impl("cuda_forward", &sa_kernels::cuda_forward);
-  m.impl("cuda_backward", &sa_kernels::cuda_backward);
+  m.impl("shuffle_attention", &sa_kernels::shuffle_attention_cuda);
+  m.impl("shuffle_attention_backward", &sa_kernels::shuffle_attention_backward_cuda);
 }

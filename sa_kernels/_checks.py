@@ -1,12 +1,19 @@
-"""Argument checks shared by the module, the functional form and the ops.
+"""Argument checks of the ops (the Python ops and the native ops' fake kernels).
 
-Every check runs on the host from shapes, dtypes and devices only, so it costs
-no device synchronisation and also runs on fake tensors under torch.compile.
+The native ops check the same things in C++ (csrc/torch_ops/op_checks.h) with the
+same messages and exception types. Every check runs on the host from shapes, dtypes
+and devices only, so it costs no device synchronisation and also runs on fake tensors
+under torch.compile.
 """
 import torch
 
 PARAM_NAMES = ("cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_dtype(dtype):
+    """Statistics and partial sums: float64 for float64 input, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_config(channel, G):
@@ -51,3 +58,22 @@ def check_inputs(x, params, groups):
         if p.numel() != half:
             raise ValueError(
                 f"{name} has {p.numel()} elements (shape {tuple(p.shape)}), expected half = {half}")
+
+
+def check_backward_inputs(grad_out, x, params, mean, rstd, groups):
+    """The backward's inputs: those of the forward, the upstream gradient and the (B, C) statistics."""
+    check_inputs(x, params, groups)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out has shape {tuple(grad_out.shape)}, expected x's shape {tuple(x.shape)}")
+    if grad_out.device != x.device:
+        raise ValueError(f"grad_out is on {grad_out.device}, expected x's device {x.device}")
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"grad_out has dtype {grad_out.dtype}, expected x's dtype {x.dtype}")
+    stats_shape, stats_dtype = tuple(x.shape[:2]), acc_dtype(x.dtype)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if tuple(t.shape) != stats_shape or t.dtype != stats_dtype:
+            raise ValueError(
+                f"{name} must be the forward's statistics of shape {stats_shape} and dtype "
+                f"{stats_dtype}, got shape {tuple(t.shape)} and dtype {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")

@@ -10,10 +10,12 @@ operators.
 """
 import torch
 
+from . import _native
+
 
 def forward_decomposed(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps,
                        backend="auto"):
-    """(out, mean, rstd) as ``torch.ops.sa_kernels.forward`` returns them; ``backend`` is ignored."""
+    """(out, mean, rstd) as the fused ops return them; ``backend`` (the Python op's) is ignored."""
     B, C, H, W = x.shape
     half = C // (2 * groups)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -36,5 +38,8 @@ def forward_decomposed(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, gr
 
 
 def decompositions():
-    """A table for ``ExportedProgram.run_decompositions``: the fused op to standard operators."""
-    return {torch.ops.sa_kernels.forward.default: forward_decomposed}
+    """A table for ``ExportedProgram.run_decompositions``: the fused ops to standard operators."""
+    table = {torch.ops.sa_kernels.forward.default: forward_decomposed}
+    if _native.ops_loaded():
+        table[torch.ops.sa_kernels.shuffle_attention.default] = forward_decomposed
+    return table

@@ -3,9 +3,9 @@ import torch
 from torch import nn
 from torch.nn.parameter import Parameter
 
+from . import functional
 from ._checks import check_config
 from .backends import check_choice
-from .functional import shuffle_attention
 from .reference import ShuffleAttention
 
 _SEED_PARAMS = ("cweight", "cbias", "sweight", "sbias")
@@ -17,7 +17,6 @@ class FusedShuffleAttention(nn.Module):
     def __init__(self, channel=512, reduction=16, G=8, *, backend="auto"):
         super().__init__()
         check_config(channel, G)
-        check_choice(backend)
         half = channel // (2 * G)
         self.G = G
         self.channel = channel
@@ -28,13 +27,48 @@ class FusedShuffleAttention(nn.Module):
         self.sweight = Parameter(torch.zeros(1, half, 1, 1))
         self.sbias = Parameter(torch.ones(1, half, 1, 1))
 
+    @property
+    def backend(self):
+        """The backend choice (``"auto"`` or a name); what it resolves to is cached per device and dtype."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value):
+        self._backend = check_choice(value)
+        self._routes = {}
+
     def forward(self, x):
-        if x.dim() == 4 and x.shape[1] != self.channel:
-            raise ValueError(
-                f"{type(self).__name__}(channel={self.channel}) got input with {x.shape[1]} "
-                f"channels (shape {tuple(x.shape)})")
-        return shuffle_attention(x, self.cweight, self.cbias, self.sweight, self.sbias,
-                                 self.gn.weight, self.gn.bias, self.G, self.gn.eps, self.backend)
+        gn = self._modules["gn"]
+        # Parameters straight from their dicts: this method is the module's whole per-call cost.
+        p, gp = self._parameters, gn._parameters
+        params = (p["cweight"], p["cbias"], p["sweight"], p["sbias"], gp["weight"], gp["bias"])
+        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            return functional.shuffle_attention(x, *params, self.G, gn.eps, self._backend)
+        try:
+            route = self._routes[(x.device, x.dtype)]
+        except KeyError:
+            route = self._route(x)
+        except AttributeError:
+            functional.check_tensor(x)
+            raise
+        return functional.run_eager(route, x, *params, self.G, gn.eps)
+
+    def _route(self, x):
+        """Resolves the backend for x's device and dtype, once (SA_KERNELS_BACKEND is read then)."""
+        functional.check_tensor(x)
+        route = self._routes[(x.device, x.dtype)] = functional.route(self._backend, x.device)
+        return route
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_routes"] = {}  # resolved afresh where the module is loaded
+        return state
+
+    def __setstate__(self, state):
+        if "backend" in state:  # pickled before the backend became a property
+            state["_backend"] = state.pop("backend")
+        state.setdefault("_routes", {})
+        super().__setstate__(state)
 
     def extra_repr(self):
         return f"channel={self.channel}, G={self.G}, backend={self.backend!r}"

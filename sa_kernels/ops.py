@@ -1,10 +1,11 @@
-"""The ``sa_kernels`` torch.library ops: forward, backward, their fake kernels and autograd.
+"""The Python ops ``sa_kernels::forward`` / ``backward``: any backend, chosen by name at run time.
 
-The schemas live here, in Python, because they must exist whether or not the
-CUDA extension was built. Each op's implementation hands the work to the
-backend chosen at run time (``backends.resolve``), so ``"auto"`` and the
-``SA_KERNELS_BACKEND`` variable are honoured in eager mode and inside compiled
-graphs alike, and the graph holds one opaque node per op: no graph break.
+The module and the functional form call the native ops (``sa_kernels::shuffle_attention``,
+declared and differentiated in C++, see ``_native.py``) directly when the backend in use
+is native (``cpu``, ``cuda``). These Python ops carry the backend's name as an argument
+and hand the work to it at run time (``backends.resolve``): they are the path of the
+``triton`` and ``torch`` backends, and work for every backend, in eager mode and inside
+compiled graphs alike (one opaque node per op: no graph break).
 """
 from typing import Tuple
 
@@ -12,11 +13,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._checks import check_inputs
-
-
-def _stats_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from ._checks import acc_dtype, check_backward_inputs, check_inputs
 
 
 @torch.library.custom_op("sa_kernels::forward", mutates_args=())
@@ -32,7 +29,7 @@ def forward(x: Tensor, cweight: Tensor, cbias: Tensor, sweight: Tensor, sbias: T
 @forward.register_fake
 def _forward_fake(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps, backend):
     check_inputs(x, (cweight, cbias, sweight, sbias, gn_weight, gn_bias), groups)
-    stats = x.new_empty(x.shape[:2], dtype=_stats_dtype(x))
+    stats = x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
@@ -43,7 +40,7 @@ def backward(grad_out: Tensor, x: Tensor, cweight: Tensor, cbias: Tensor, sweigh
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dcweight, dcbias, dsweight, dsbias, dgn_weight, dgn_bias)."""
     params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
-    _check_backward_inputs(grad_out, x, params, mean, rstd, groups)
+    check_backward_inputs(grad_out, x, params, mean, rstd, groups)
     return backends.resolve(backend, x.device).backward(
         grad_out, x, *params, mean, rstd, groups, eps)
 
@@ -52,21 +49,8 @@ def backward(grad_out: Tensor, x: Tensor, cweight: Tensor, cbias: Tensor, sweigh
 def _backward_fake(grad_out, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, mean, rstd,
                    groups, eps, backend):
     params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
-    _check_backward_inputs(grad_out, x, params, mean, rstd, groups)
+    check_backward_inputs(grad_out, x, params, mean, rstd, groups)
     return (torch.empty_like(x),) + tuple(torch.empty_like(p) for p in params)
-
-
-def _check_backward_inputs(grad_out, x, params, mean, rstd, groups):
-    check_inputs(x, params, groups)
-    if grad_out.shape != x.shape:
-        raise ValueError(f"grad_out has shape {tuple(grad_out.shape)}, expected x's shape {tuple(x.shape)}")
-    if grad_out.device != x.device:
-        raise ValueError(f"grad_out is on {grad_out.device}, expected x's device {x.device}")
-    for name, t in (("mean", mean), ("rstd", rstd)):
-        if t.shape != x.shape[:2] or t.dtype != _stats_dtype(x):
-            raise ValueError(
-                f"{name} must be the forward's statistics of shape {tuple(x.shape[:2])} and dtype "
-                f"{_stats_dtype(x)}, got shape {tuple(t.shape)} and dtype {t.dtype}")
 
 
 def _setup_context(ctx, inputs, output):

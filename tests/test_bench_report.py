@@ -106,7 +106,7 @@ def test_each_case_runs_its_baselines_before_the_fused_providers():
     pairs = cases.parametrization(cases.select_cases("cpu"))
     assert len(pairs) == len(cases.select_cases("cpu")) * len(cases.PROVIDERS)
     order = [provider for case, provider in pairs if case == pairs[0][0]]
-    assert order[:2] == ["eager", "compile"] and set(order[2:]) == {"cuda", "triton", "torch"}
+    assert order[:2] == ["eager", "compile"] and set(order[2:]) == {"cuda", "triton", "cpu", "torch"}
     assert len({case.id for case, _ in pairs}) == len(cases.select_cases("cpu"))
 
 

@@ -15,10 +15,14 @@ from helpers import TOLERANCES, random_input, random_reference
 ORT_TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def small_sa_net(G=4, channel=48):
+# The native op (cpu) and the Python op (torch) both export.
+BACKENDS = ["cpu", "torch"]
+
+
+def small_sa_net(backend, G=4, channel=48):
     """Conv -> FusedShuffleAttention (random parameters) -> ReLU -> Conv: the 1x1 conv after SA
     mixes channels with random weights, so a wrong channel shuffle changes the output."""
-    sa = sa_kernels.FusedShuffleAttention.from_module(random_reference(channel, G), backend="torch")
+    sa = sa_kernels.FusedShuffleAttention.from_module(random_reference(channel, G), backend=backend)
     return nn.Sequential(nn.Conv2d(3, channel, 3, padding=1), sa, nn.ReLU(), nn.Conv2d(channel, 8, 1)).eval()
 
 
@@ -68,8 +72,9 @@ def test_decomposition_matches_fused_op(shape, dtype):
         torch.testing.assert_close(got[0], ref(x), **TOLERANCES[dtype])
 
 
-def test_torch_export_keeps_fused_op_and_matches_eager():
-    model, x = small_sa_net(), torch.randn(2, 3, 9, 7)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_export_keeps_fused_op_and_matches_eager(backend):
+    model, x = small_sa_net(backend), torch.randn(2, 3, 9, 7)
     batch = torch.export.Dim("batch", min=1, max=64)
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
     assert len(sa_ops(ep.graph)) == 1
@@ -86,25 +91,28 @@ def test_torch_export_keeps_fused_op_and_matches_eager():
             torch.testing.assert_close(loaded.module()(xb), expected, rtol=0, atol=0)
 
 
-def test_torch_export_sa_resnet50():
-    model, x = sa_resnet50(fused=True, backend="torch", num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_export_sa_resnet50(backend):
+    model, x = sa_resnet50(fused=True, backend=backend, num_classes=10).eval(), torch.randn(1, 3, 64, 64)
     ep = torch.export.export(model, (x,))
     assert len(sa_ops(ep.graph)) == 16
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
 
 
-def test_run_decompositions_removes_the_op():
-    model, x = small_sa_net(), torch.randn(2, 3, 9, 7)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_run_decompositions_removes_the_op(backend):
+    model, x = small_sa_net(backend), torch.randn(2, 3, 9, 7)
     ep = torch.export.export(model, (x,)).run_decompositions(sa_kernels.decompositions())
     assert sa_ops(ep.graph) == []
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), model(x), **TOLERANCES[torch.float32])
 
 
-def test_onnx_dynamo_exporter():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_onnx_dynamo_exporter(backend):
     pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript (pip install onnxscript)")
-    model, x = small_sa_net(), torch.randn(2, 3, 9, 7)
+    model, x = small_sa_net(backend), torch.randn(2, 3, 9, 7)
     batch = torch.export.Dim("batch", min=1, max=64)
     program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
     assert_standard_onnx(program.model_proto)
@@ -117,10 +125,11 @@ def test_onnx_dynamo_exporter():
                                    **ORT_TOL)
 
 
-def test_onnx_dynamo_exporter_from_decomposed_exported_program():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_onnx_dynamo_exporter_from_decomposed_exported_program(backend):
     """A program exported earlier (holding the fused op) converts once decomposed."""
     pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript (pip install onnxscript)")
-    model, x = small_sa_net(), torch.randn(2, 3, 9, 7)
+    model, x = small_sa_net(backend), torch.randn(2, 3, 9, 7)
     ep = torch.export.export(model, (x,)).run_decompositions(sa_kernels.decompositions())
     program = torch.onnx.export(ep, verbose=False)
     assert_standard_onnx(program.model_proto)
@@ -130,9 +139,10 @@ def test_onnx_dynamo_exporter_from_decomposed_exported_program():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
-def test_onnx_torchscript_exporter():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_onnx_torchscript_exporter(backend):
     pytest.importorskip("onnx")
-    model, x = small_sa_net(), torch.randn(2, 3, 9, 7)
+    model, x = small_sa_net(backend), torch.randn(2, 3, 9, 7)
     buffer = io.BytesIO()
     torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})

@@ -148,7 +148,7 @@ def test_construction_rejects_unknown_backend():
 @pytest.mark.parametrize("x,error,match", [
     (torch.randn(16, 5, 5), ValueError, "4-D.*3-D"),
     (torch.randn(1, 2, 16, 5, 5), ValueError, "4-D.*5-D"),
-    (torch.randn(2, 32, 5, 5), ValueError, "got input with 32 channels"),
+    (torch.randn(2, 32, 5, 5), ValueError, r"x has 32 channels, expected 2 \* G \* half = .* = 16"),
     (torch.randint(0, 5, (2, 16, 5, 5)), TypeError, "floating dtype.*torch.int64"),
     (torch.randn(2, 16, 5, 5, dtype=torch.complex64), TypeError, "floating dtype.*complex64"),
 ])
@@ -178,8 +178,9 @@ def test_parameters_on_another_device_are_rejected_by_the_module():
 
 
 def test_available_backends_and_auto_on_cpu():
-    assert sa_kernels.available_backends("cpu")[-1] == "torch"
-    assert sa_kernels.backends.resolve("auto", torch.device("cpu")).__name__.endswith("torch_math")
+    available = sa_kernels.available_backends("cpu")  # triton too, under the interpreter
+    assert available[-2:] == ["cpu", "torch"]  # the native CPU kernels are built
+    assert sa_kernels.backends.resolve_name("auto", torch.device("cpu")) == "cpu"
 
 
 def test_unavailable_backend_says_why_and_how():

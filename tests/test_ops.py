@@ -9,6 +9,11 @@ import sa_kernels
 from helpers import random_input, random_reference
 
 
+# The op a compiled graph holds: the native op, or the Python op for the other backends.
+OP_NODES = (torch.ops.sa_kernels.forward, torch.ops.sa_kernels.forward.default,
+            torch.ops.sa_kernels.shuffle_attention, torch.ops.sa_kernels.shuffle_attention.default)
+
+
 def op_args(B=2, C=32, H=5, W=7, G=4, dtype=torch.float32, device="cpu", backend="torch"):
     ref = random_reference(C, G, device=device)
     params = [p.detach().reshape(-1).requires_grad_() for p in ref.parameters()]
@@ -59,5 +64,5 @@ def test_compiled_graph_holds_one_forward_op(device):
     torch.compile(fused, backend=capture, fullgraph=True)(random_input((1, 16, 4, 4), torch.float32, device))
     (gm,) = graphs
     calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    ours = [t for t in calls if t in (torch.ops.sa_kernels.forward, torch.ops.sa_kernels.forward.default)]
+    ours = [t for t in calls if t in OP_NODES]
     assert len(ours) == 1

@@ -14,6 +14,11 @@ Parameters arrive 1-D (``half`` values each); ``mean`` and ``rstd`` are the
 per-(b, c) plane statistics, shape (B, C), float64 for float64 input and
 float32 otherwise. All backends share that format, so a forward from one
 backend can be differentiated by another.
+
+A backend module with ``NATIVE = True`` (``cpu``, ``cuda``) runs through the native
+ops ``sa_kernels::shuffle_attention`` / ``shuffle_attention_backward``, whose autograd
+is in C++: the module and the functional form call them directly, one dispatcher trip
+per call. The others go through the Python ops of ``sa_kernels.ops``.
 """
 import importlib
 import os
@@ -21,18 +26,19 @@ import os
 import torch
 
 ENV_VAR = "SA_KERNELS_BACKEND"
-BACKENDS = ("cuda", "triton", "torch")
+BACKENDS = ("cuda", "triton", "cpu", "torch")
 CHOICES = ("auto",) + BACKENDS
 
 _MODULES = {
     "cuda": "sa_kernels.backends.cuda_ext",
     "triton": "sa_kernels.backends.triton_kernels",
+    "cpu": "sa_kernels.backends.cpu_native",
     "torch": "sa_kernels.backends.torch_math",
 }
 
 # "auto" tries these in order. The Triton interpreter runs on CPU, but far slower
-# than the torch backend, so it is only ever used on CPU when asked for by name.
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}
+# than the other backends, so it is only ever used on CPU when asked for by name.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 _AUTO_DEFAULT = ("torch",)
 
 _reason_cache = {}
@@ -90,16 +96,26 @@ def requested(backend):
     return backend
 
 
-def resolve(backend, device):
-    """The backend module that runs on ``device`` for the choice ``backend``."""
+def resolve_name(backend, device):
+    """The name of the backend that runs on ``device`` for the choice ``backend``."""
     name = requested(backend)
     device = torch.device(device)
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, _AUTO_DEFAULT):
             if unavailable_reason(candidate, device, build=False) is None:
-                return _load(candidate)
+                return candidate
         raise BackendUnavailableError(f"no sa_kernels backend can run on {device}")
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
-    return _load(name)
+    return name
+
+
+def resolve(backend, device):
+    """The backend module that runs on ``device`` for the choice ``backend``."""
+    return _load(resolve_name(backend, device))
+
+
+def is_native(name):
+    """Whether backend ``name`` runs through the native ops (autograd in C++)."""
+    return getattr(_load(name), "NATIVE", False)

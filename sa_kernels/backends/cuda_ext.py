@@ -1,8 +1,9 @@
-"""The cuda backend: the hand-written CUDA kernels in csrc/, as torch.ops.sa_kernels.cuda_*.
+"""The cuda backend: the hand-written CUDA kernels in csrc/, the CUDA implementation of the native ops.
 
-The compiled extension comes from one of two places, tried in this order:
+The native ops themselves (schemas, autograd) come from ``sa_kernels._C`` (see
+``_native.py``); their CUDA kernels from one of two places, tried in this order:
 
-* ``sa_kernels._C``, built by ``pip install --no-build-isolation .`` where torch with
+* ``sa_kernels._cuda``, built by ``pip install --no-build-isolation .`` where torch with
   CUDA and nvcc were present at build time;
 * a build on first use with ``torch.utils.cpp_extension.load`` (ninja; cached by torch
   under ``TORCH_EXTENSIONS_DIR``, so only the first use in an environment pays the few
@@ -21,16 +22,18 @@ from pathlib import Path
 
 import torch
 
-from .torch_math import acc_dtype
+from .. import _native
+from .._native import backward, forward  # noqa: F401  (the backend interface)
 
+# Runs through the native ops, which the module and the functional form call directly.
+NATIVE = True
 JIT_NAME = "sa_kernels_cuda"
-_SOURCE_SUFFIXES = (".cu", ".cpp")
 _lock = threading.Lock()
 _state = {"loaded_from": None, "prebuilt_error": None, "build_error": None}
 
 
 def csrc_dir():
-    """The directory holding the CUDA/C++ sources, or None."""
+    """The directory holding the CUDA sources and their torch binding, or None."""
     package = Path(__file__).resolve().parents[1]
     for candidate in (package / "_csrc", package.parent / "csrc"):
         if (candidate / "torch_binding.cpp").is_file():
@@ -39,7 +42,7 @@ def csrc_dir():
 
 
 def loaded_from():
-    """``"prebuilt"`` (sa_kernels._C), ``"jit"`` (built on first use) or None (not loaded)."""
+    """``"prebuilt"`` (sa_kernels._cuda), ``"jit"`` (built on first use) or None (not loaded)."""
     return _state["loaded_from"]
 
 
@@ -58,6 +61,9 @@ def unavailable_reason(device, build=True):
                 f"install a CUDA build of torch to use the cuda backend")
     if not torch.cuda.is_available():
         return "torch.cuda.is_available() is False: no usable NVIDIA GPU or driver was found"
+    reason = _native.unavailable_reason_ops()  # the schemas and autograd the kernels plug into
+    if reason is not None:
+        return reason
     with _lock:
         return _ensure_loaded(build)
 
@@ -68,7 +74,7 @@ def _ensure_loaded(build):
     if _import_prebuilt():
         _finish_loading("prebuilt")
         return None
-    prebuilt_note = (f" (sa_kernels._C is present but failed to load: {_state['prebuilt_error']})"
+    prebuilt_note = (f" (sa_kernels._cuda is present but failed to load: {_state['prebuilt_error']})"
                      if _state["prebuilt_error"] else "")
     if not build:
         return ("the CUDA extension is not built" + prebuilt_note + "; it compiles on first use "
@@ -95,10 +101,10 @@ def _ensure_loaded(build):
 
 def _import_prebuilt():
     try:
-        importlib.import_module("sa_kernels._C")
+        importlib.import_module("sa_kernels._cuda")
         return True
     except ModuleNotFoundError as e:
-        if e.name != "sa_kernels._C":
+        if e.name != "sa_kernels._cuda":
             _state["prebuilt_error"] = f"{type(e).__name__}: {e}"
         return False
     except (ImportError, OSError) as e:  # e.g. built against another torch
@@ -134,7 +140,7 @@ def _build():
     from torch.utils import cpp_extension
 
     sources_dir = csrc_dir()
-    sources = sorted(str(p) for p in sources_dir.iterdir() if p.suffix in _SOURCE_SUFFIXES)
+    sources = [str(sources_dir / "torch_binding.cpp")] + sorted(str(p) for p in sources_dir.glob("*.cu"))
     print(f"sa_kernels: compiling the CUDA extension from {sources_dir} (first use only, takes a "
           f"few minutes; cached by torch.utils.cpp_extension)", file=sys.stderr, flush=True)
     cpp_extension.load(
@@ -149,33 +155,7 @@ def _build():
 
 
 def _finish_loading(source):
-    _register_fakes()
     _state["loaded_from"] = source
-
-
-def _register_fakes():
-    """Shapes, dtypes and strides of the two ops without running them (torch.compile, opcheck)."""
-
-    @torch.library.register_fake("sa_kernels::cuda_forward")
-    def _cuda_forward_fake(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
-        stats = x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
-        return torch.empty_like(x), stats, torch.empty_like(stats)
-
-    @torch.library.register_fake("sa_kernels::cuda_backward")
-    def _cuda_backward_fake(grad_out, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias,
-                            mean, rstd, groups, eps):
-        params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
-        return (torch.empty_like(x),) + tuple(torch.empty_like(p) for p in params)
-
-
-def forward(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
-    return torch.ops.sa_kernels.cuda_forward(
-        x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
-
-
-def backward(grad_out, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, mean, rstd, groups, eps):
-    return torch.ops.sa_kernels.cuda_backward(
-        grad_out, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, mean, rstd, groups, eps)
 
 
 @contextmanager

@@ -16,14 +16,11 @@ closed form below (see ``backward``), not autograd of the reference graph.
 """
 import torch
 
+from .._checks import acc_dtype
+
 
 def unavailable_reason(device, build=True):
     return None
-
-
-def acc_dtype(dtype):
-    """Statistics and partial sums: float64 for float64 input, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _input_order(t):

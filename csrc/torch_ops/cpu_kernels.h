@@ -1,0 +1,705 @@
+// Fused Shuffle Attention CPU kernels: forward and backward, vectorised with at::vec and
+// parallel over planes with at::parallel_for.
+//
+// Compiled once per CPU capability (cpu_module_*.cpp; setup.py gives each its ISA flags)
+// and loaded for the capability torch itself runs with. The maths is csrc/plane_math.h.
+//
+// Determinism: every plane's statistics and sums are computed by one task in a fixed
+// order that depends on the vector width alone, and the parameter gradients are a serial
+// sum over (batch, group), so results are bitwise identical whatever the thread count.
+//
+// Paths:
+//  * planes (NCHW, and any layout whose H x W planes are contiguous runs): one task per
+//    plane; one pass for the statistics (shifted sums), one for the gated output, both
+//    over a plane that stays in cache between them. Backward: one pass for the plane sums
+//    (keeping the gate in a scratch row), one for dx.
+//  * channels_last: a task owns channel pairs (j, C/2 + j) of one image, vectorised along
+//    channels, whose outputs 2j, 2j + 1 are adjacent (interleaved stores).
+//  * anything else (sliced, permuted, expanded gradients, mixed layouts): the plane path
+//    on planes gathered into (and scattered from) a contiguous row.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+
+#include "plane_math.h"
+#include "torch_ops/cpu_vec.h"
+#include "torch_ops/op_checks.h"
+
+namespace sa_kernels {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+using plane_math::Gate;
+using plane_math::Params;
+
+// Work per parallel task: enough that threading pays for itself on small inputs.
+constexpr int64_t kGrainElements = 32768;
+// Channels-last tasks keep at most this many vectors per half in registers.
+constexpr int kMaxVectorsPerHalf = 4;
+// A channels-last task's slice of the image (H * W * 2 * pairs elements) should stay in
+// the core's cache between its statistics pass and its output pass.
+constexpr int64_t kTaskCacheBytes = 512 * 1024;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Geometry {
+  int64_t batch, channels, height, width;
+  int64_t hw() const { return height * width; }
+};
+
+struct Strides {
+  int64_t b, c, h, w;
+};
+
+inline Geometry geometry_of(const at::Tensor& t) {
+  return {t.size(0), t.size(1), t.size(2), t.size(3)};
+}
+
+inline Strides strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Every (b, c) plane is one contiguous run of H * W elements.
+inline bool planes_contiguous(const Strides& s, const Geometry& g) {
+  return (g.width == 1 || s.w == 1) && (g.height == 1 || s.h == g.width);
+}
+
+// Element (b, c, h, w) at ((b * H + h) * W + w) * C + c (size-1 dimensions ignored).
+inline bool channels_last(const Strides& s, const Geometry& g) {
+  const int64_t sizes[4] = {g.channels, g.width, g.height, g.batch};
+  const int64_t strides[4] = {s.c, s.w, s.h, s.b};
+  int64_t expected = 1;
+  for (int d = 0; d < 4; ++d) {
+    if (sizes[d] == 1) continue;
+    if (strides[d] != expected) return false;
+    expected *= sizes[d];
+  }
+  return true;
+}
+
+// The six parameters converted to the accumulation type, in one buffer.
+template <typename A>
+class ParamTable {
+ public:
+  explicit ParamTable(const checks::ParamRefs& params) {
+    half_ = params[0]->numel();
+    values_.resize(6 * half_);
+    for (int i = 0; i < 6; ++i) {
+      const at::Tensor p = params[i]->contiguous();
+      A* dst = values_.data() + i * half_;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "sa_params", [&] {
+        const scalar_t* src = p.const_data_ptr<scalar_t>();
+        for (int64_t k = 0; k < half_; ++k) dst[k] = static_cast<A>(src[k]);
+      });
+    }
+  }
+
+  Params<A> params() const {
+    const A* v = values_.data();
+    return {v, v + half_, v + 2 * half_, v + 3 * half_, v + 4 * half_, v + 5 * half_, half_};
+  }
+
+ private:
+  int64_t half_;
+  std::vector<A> values_;
+};
+
+// ---- a plane in row-major order: in place, or gathered into a contiguous row ----------
+
+template <typename T>
+const T* plane_for_reading(const T* plane, const Strides& s, const Geometry& g, T* row) {
+  if (planes_contiguous(s, g)) return plane;
+  for (int64_t h = 0; h < g.height; ++h) {
+    for (int64_t w = 0; w < g.width; ++w) row[h * g.width + w] = plane[h * s.h + w * s.w];
+  }
+  return row;
+}
+
+template <typename T>
+T* plane_for_writing(T* plane, const Strides& s, const Geometry& g, T* row) {
+  return planes_contiguous(s, g) ? plane : row;
+}
+
+template <typename T>
+void finish_writing(T* plane, const Strides& s, const Geometry& g, const T* row) {
+  if (planes_contiguous(s, g)) return;
+  for (int64_t h = 0; h < g.height; ++h) {
+    for (int64_t w = 0; w < g.width; ++w) plane[h * s.h + w * s.w] = row[h * g.width + w];
+  }
+}
+
+// ---- plane kernels -----------------------------------------------------------------
+
+// `count` (<= kSize) elements; lanes past them are zero.
+template <typename T>
+inline typename Lanes<T>::V load_count(const T* p, int64_t count) {
+  return count == Lanes<T>::kSize ? Lanes<T>::load(p) : Lanes<T>::load(p, count);
+}
+
+
+template <typename T>
+plane_math::Moments<acc_t<T>> plane_moments(const T* x, int64_t n, double eps) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  using A = acc_t<T>;
+  constexpr int64_t N = L::kSize;
+  constexpr int kUnroll = 4;
+  const A shift = static_cast<A>(x[0]);
+  const V vshift(shift);
+  V s1[kUnroll], s2[kUnroll];
+  for (int u = 0; u < kUnroll; ++u) s1[u] = s2[u] = V(A(0));
+  int64_t i = 0;
+  for (; i + kUnroll * N <= n; i += kUnroll * N) {
+    for (int u = 0; u < kUnroll; ++u) {
+      const V d = L::load(x + i + u * N) - vshift;
+      s1[u] += d;
+      s2[u] = at::vec::fmadd(d, d, s2[u]);
+    }
+  }
+  for (; i + N <= n; i += N) {
+    const V d = L::load(x + i) - vshift;
+    s1[0] += d;
+    s2[0] = at::vec::fmadd(d, d, s2[0]);
+  }
+  if (i < n) {  // lanes past the end hold the shift, so they add nothing
+    const V d = V::set(vshift, L::load(x + i, n - i), n - i) - vshift;
+    s1[0] += d;
+    s2[0] = at::vec::fmadd(d, d, s2[0]);
+  }
+  const V t1 = (s1[0] + s1[1]) + (s1[2] + s1[3]);
+  const V t2 = (s2[0] + s2[1]) + (s2[2] + s2[3]);
+  return plane_math::moments_from_shifted_sums(shift, lane_sum(t1), lane_sum(t2), n, eps);
+}
+
+// Calls f(offset, count) for every vector of a plane of n elements (count < kSize at the end).
+template <typename T, typename F>
+inline void for_each_vector(int64_t n, F&& f) {
+  constexpr int64_t N = Lanes<T>::kSize;
+  int64_t i = 0;
+  for (; i + N <= n; i += N) f(i, N);
+  if (i < n) f(i, n - i);
+}
+
+template <typename T>
+void gate_plane(const T* x, T* out, int64_t n, acc_t<T> mean, const Gate<acc_t<T>>& g) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  if (!g.spatial) {  // a constant gate
+    const V s(plane_math::sigmoid(g.beta));
+    for_each_vector<T>(n, [&](int64_t i, int64_t k) { L::store(out + i, load_count(x + i, k) * s, k); });
+    return;
+  }
+  const V a(g.alpha), b(g.beta), m(mean);
+  for_each_vector<T>(n, [&](int64_t i, int64_t k) {
+    const V v = load_count(x + i, k);
+    L::store(out + i, v * vec_sigmoid(at::vec::fmadd(a, v - m, b)), k);
+  });
+}
+
+// dx of one plane; returns (S1, S2) as plane_math.h defines them. `scratch` holds n values.
+template <typename T>
+std::pair<acc_t<T>, acc_t<T>> backward_plane(const T* x, const T* dy, T* dx, int64_t n,
+                                             acc_t<T> mean, acc_t<T> rstd,
+                                             const Gate<acc_t<T>>& g,
+                                             const Params<acc_t<T>>& params, acc_t<T>* scratch) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  using A = acc_t<T>;
+  const V one(A(1));
+  if (!g.spatial) {
+    // A constant gate s: S1 = s (1 - s) sum(dy * x), dx = dy * s + cweight * S1 / N.
+    const A s = plane_math::sigmoid(g.beta);
+    V acc(A(0));
+    for_each_vector<T>(n, [&](int64_t i, int64_t k) { acc = at::vec::fmadd(load_count(dy + i, k), load_count(x + i, k), acc); });
+    const A s1 = s * (A(1) - s) * lane_sum(acc);
+    const auto k = plane_math::grad_coefficients(params, g, rstd, s1, A(0), n);
+    const V vs(s), k0(k.k0);
+    for_each_vector<T>(n, [&](int64_t i, int64_t c) { L::store(dx + i, at::vec::fmadd(load_count(dy + i, c), vs, k0), c); });
+    return {s1, A(0)};
+  }
+  const V a(g.alpha), b(g.beta), m(mean);
+  V acc1(A(0)), acc2(A(0));
+  for_each_vector<T>(n, [&](int64_t i, int64_t k) {
+    const V v = load_count(x + i, k), d = load_count(dy + i, k);  // zero lanes past the end add nothing
+    const V xc = v - m;
+    const V s = vec_sigmoid(at::vec::fmadd(a, xc, b));
+    s.store(scratch + i, int(k));
+    const V dt = d * v * s * (one - s);
+    acc1 += dt;
+    acc2 = at::vec::fmadd(dt, xc, acc2);
+  });
+  const A s1 = lane_sum(acc1);
+  const A s2 = lane_sum(acc2) * rstd;
+  const auto coef = plane_math::grad_coefficients(params, g, rstd, s1, s2, n);
+  const V k0(coef.k0), k1(coef.k1);
+  for_each_vector<T>(n, [&](int64_t i, int64_t k) {
+    const V v = load_count(x + i, k), d = load_count(dy + i, k);
+    const V s = V::loadu(scratch + i, k);
+    const V xc = v - m;
+    const V dt = d * v * s * (one - s);
+    L::store(dx + i, at::vec::fmadd(d, s, at::vec::fmadd(a, dt, at::vec::fmadd(k1, xc, k0))), k);
+  });
+  return {s1, s2};
+}
+
+// ---- forward -----------------------------------------------------------------------
+
+template <typename T>
+struct ForwardArgs {
+  using A = acc_t<T>;
+  const T* x;
+  Strides xs;
+  T* out;
+  Strides os;
+  A* mean;  // (B, C) contiguous
+  A* rstd;
+  Params<A> params;
+  Geometry geo;
+  double eps;
+};
+
+template <typename T>
+void forward_planes(const ForwardArgs<T>& p) {
+  using A = acc_t<T>;
+  const Geometry& g = p.geo;
+  const int64_t n = g.hw();
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
+  at::parallel_for(0, g.batch * g.channels, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> in_row, out_row;  // for planes that are not contiguous runs
+    if (!planes_contiguous(p.xs, g)) in_row.resize(n);
+    if (!planes_contiguous(p.os, g)) out_row.resize(n);
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t b = q / g.channels, c = q % g.channels;
+      const int64_t o = plane_math::output_channel(c, g.channels);
+      const T* x = plane_for_reading(p.x + b * p.xs.b + c * p.xs.c, p.xs, g, in_row.data());
+      T* out_plane = p.out + b * p.os.b + o * p.os.c;
+      T* out = plane_for_writing(out_plane, p.os, g, out_row.data());
+      const auto mom = plane_moments(x, n, p.eps);
+      p.mean[q] = mom.mean;
+      p.rstd[q] = mom.rstd;
+      gate_plane(x, out, n, mom.mean, plane_math::plane_gate<A>(p.params, c, mom.mean, mom.rstd));
+      finish_writing(out_plane, p.os, g, out_row.data());
+    }
+  });
+}
+
+// Channels-last work split: tasks of `vectors` vectors of pairs (per half) per image.
+struct ChannelsLastSplit {
+  int64_t pairs_per_task, tasks_per_image;
+};
+
+template <typename T>
+ChannelsLastSplit channels_last_split(const Geometry& g) {
+  constexpr int64_t N = Lanes<T>::kSize;
+  const int64_t half_c = g.channels / 2;
+  const int64_t threads = at::get_num_threads();
+  int64_t vectors = kMaxVectorsPerHalf;
+  while (vectors > 1 &&
+         (g.hw() * 2 * vectors * N * int64_t(sizeof(T)) > kTaskCacheBytes ||
+          g.batch * ceil_div(half_c, vectors * N) < 2 * threads)) {
+    --vectors;
+  }
+  const int64_t pairs = vectors * N;
+  return {pairs, ceil_div(half_c, pairs)};
+}
+
+// The vectors a channels-last task owns: vector v covers pairs [j0 + v N, j0 + v N + count).
+struct PairBlock {
+  int64_t j0, vectors;
+  int64_t counts[kMaxVectorsPerHalf];
+};
+
+template <typename T>
+PairBlock pair_block(int64_t block, const ChannelsLastSplit& split, int64_t half_c) {
+  constexpr int64_t N = Lanes<T>::kSize;
+  PairBlock r;
+  r.j0 = block * split.pairs_per_task;
+  const int64_t pairs = std::min(split.pairs_per_task, half_c - r.j0);
+  r.vectors = ceil_div(pairs, N);
+  for (int64_t v = 0; v < r.vectors; ++v) r.counts[v] = std::min(N, pairs - v * N);
+  return r;
+}
+
+// Stores y0 (channel 2j) and y1 (channel 2j + 1) of `count` pairs interleaved at `out`.
+template <typename T>
+inline void store_pairs(T* out, const typename Lanes<T>::V& y0, const typename Lanes<T>::V& y1,
+                        int64_t count) {
+  constexpr int64_t N = Lanes<T>::kSize;
+  const auto lo_hi = at::vec::interleave2(y0, y1);
+  Lanes<T>::store(out, std::get<0>(lo_hi), std::min(N, 2 * count));
+  if (2 * count > N) Lanes<T>::store(out + N, std::get<1>(lo_hi), 2 * count - N);
+}
+
+// Per-channel values of a task, by half h (0: channels j, 1: channels C/2 + j) and vector.
+template <typename A>
+struct TaskLanes {
+  A v[2][kMaxVectorsPerHalf][at::vec::Vectorized<A>::size()];
+};
+
+template <typename T>
+void forward_channels_last(const ForwardArgs<T>& p) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  using A = acc_t<T>;
+  constexpr int64_t N = L::kSize;
+  const Geometry& g = p.geo;
+  const int64_t half_c = g.channels / 2;
+  const int64_t n = g.hw();
+  const ChannelsLastSplit split = channels_last_split<T>(g);
+  const int64_t tasks = g.batch * split.tasks_per_image;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (n * 2 * split.pairs_per_task));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / split.tasks_per_image;
+      const PairBlock blk = pair_block<T>(t % split.tasks_per_image, split, half_c);
+      const T* x = p.x + b * p.xs.b;
+      T* out = p.out + b * p.os.b;
+      const int64_t first[2] = {blk.j0, half_c + blk.j0};  // first input channel per half
+
+      // Statistics: shifted sums per channel lane, positions in order.
+      V shift[2][kMaxVectorsPerHalf], s1[2][kMaxVectorsPerHalf], s2[2][kMaxVectorsPerHalf];
+      for (int h = 0; h < 2; ++h) {
+        for (int64_t v = 0; v < blk.vectors; ++v) {
+          shift[h][v] = load_count(x + first[h] + v * N, blk.counts[v]);
+          s1[h][v] = s2[h][v] = V(A(0));
+        }
+      }
+      for (int64_t pos = 0; pos < n; ++pos) {
+        const T* row = x + pos * g.channels;
+        for (int h = 0; h < 2; ++h) {
+          for (int64_t v = 0; v < blk.vectors; ++v) {
+            const V d = load_count(row + first[h] + v * N, blk.counts[v]) - shift[h][v];
+            s1[h][v] += d;
+            s2[h][v] = at::vec::fmadd(d, d, s2[h][v]);
+          }
+        }
+      }
+      TaskLanes<A> mean{}, alpha{}, beta{};
+      for (int h = 0; h < 2; ++h) {
+        for (int64_t v = 0; v < blk.vectors; ++v) {
+          A k[N], a1[N], a2[N];
+          shift[h][v].store(k);
+          s1[h][v].store(a1);
+          s2[h][v].store(a2);
+          for (int64_t l = 0; l < blk.counts[v]; ++l) {
+            const int64_t c = first[h] + v * N + l;
+            const auto mom = plane_math::moments_from_shifted_sums(k[l], a1[l], a2[l], n, p.eps);
+            p.mean[b * g.channels + c] = mom.mean;
+            p.rstd[b * g.channels + c] = mom.rstd;
+            const auto gate = plane_math::plane_gate<A>(p.params, c, mom.mean, mom.rstd);
+            mean.v[h][v][l] = mom.mean;
+            alpha.v[h][v][l] = gate.alpha;
+            beta.v[h][v][l] = gate.beta;
+          }
+        }
+      }
+
+      // Output: gate each pair and store it interleaved at channels 2j, 2j + 1.
+      V vm[2][kMaxVectorsPerHalf], va[2][kMaxVectorsPerHalf], vb[2][kMaxVectorsPerHalf];
+      for (int h = 0; h < 2; ++h) {
+        for (int64_t v = 0; v < blk.vectors; ++v) {
+          vm[h][v] = V::loadu(mean.v[h][v]);
+          va[h][v] = V::loadu(alpha.v[h][v]);
+          vb[h][v] = V::loadu(beta.v[h][v]);
+        }
+      }
+      for (int64_t pos = 0; pos < n; ++pos) {
+        const T* row = x + pos * g.channels;
+        T* orow = out + pos * g.channels + 2 * blk.j0;
+        for (int64_t v = 0; v < blk.vectors; ++v) {
+          V y[2];
+          for (int h = 0; h < 2; ++h) {
+            const V xv = load_count(row + first[h] + v * N, blk.counts[v]);
+            y[h] = xv * vec_sigmoid(at::vec::fmadd(va[h][v], xv - vm[h][v], vb[h][v]));
+          }
+          store_pairs<T>(orow + 2 * v * N, y[0], y[1], blk.counts[v]);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void forward_kernel(const ForwardArgs<T>& p) {
+  const bool cl = !planes_contiguous(p.xs, p.geo) && channels_last(p.xs, p.geo) &&
+                  channels_last(p.os, p.geo);
+  if (cl) {
+    forward_channels_last(p);
+  } else {
+    forward_planes(p);
+  }
+}
+
+// ---- backward ----------------------------------------------------------------------
+
+template <typename T>
+struct BackwardArgs {
+  using A = acc_t<T>;
+  const T* grad_out;  // read at output channel o(c)
+  Strides gs;
+  const T* x;
+  Strides xs;
+  T* dx;
+  Strides ds;
+  const A* mean;  // (B, C) contiguous
+  const A* rstd;
+  A* partials;  // (B, C, 2)
+  Params<A> params;
+  Geometry geo;
+};
+
+template <typename T>
+void backward_planes(const BackwardArgs<T>& p) {
+  using A = acc_t<T>;
+  const Geometry& g = p.geo;
+  const int64_t n = g.hw();
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
+  at::parallel_for(0, g.batch * g.channels, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(n);
+    std::vector<T> x_row, dy_row, dx_row;
+    if (!planes_contiguous(p.xs, g)) x_row.resize(n);
+    if (!planes_contiguous(p.gs, g)) dy_row.resize(n);
+    if (!planes_contiguous(p.ds, g)) dx_row.resize(n);
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t b = q / g.channels, c = q % g.channels;
+      const int64_t o = plane_math::output_channel(c, g.channels);
+      const T* x = plane_for_reading(p.x + b * p.xs.b + c * p.xs.c, p.xs, g, x_row.data());
+      const T* dy = plane_for_reading(p.grad_out + b * p.gs.b + o * p.gs.c, p.gs, g, dy_row.data());
+      T* dx_plane = p.dx + b * p.ds.b + c * p.ds.c;
+      T* dx = plane_for_writing(dx_plane, p.ds, g, dx_row.data());
+      const A mean = p.mean[q], rstd = p.rstd[q];
+      const auto gate = plane_math::plane_gate<A>(p.params, c, mean, rstd);
+      const auto sums = backward_plane(x, dy, dx, n, mean, rstd, gate, p.params, scratch.data());
+      plane_math::plane_partials(p.partials + 2 * q, gate.spatial, sums.first, sums.second, mean);
+      finish_writing(dx_plane, p.ds, g, dx_row.data());
+    }
+  });
+}
+
+template <typename T>
+void backward_channels_last(const BackwardArgs<T>& p) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  using A = acc_t<T>;
+  constexpr int64_t N = L::kSize;
+  const Geometry& g = p.geo;
+  const int64_t half_c = g.channels / 2;
+  const int64_t n = g.hw();
+  const ChannelsLastSplit split = channels_last_split<T>(g);
+  const int64_t tasks = g.batch * split.tasks_per_image;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (n * 2 * split.pairs_per_task));
+  const V one(A(1));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / split.tasks_per_image;
+      const PairBlock blk = pair_block<T>(t % split.tasks_per_image, split, half_c);
+      const T* x = p.x + b * p.xs.b;
+      const T* dy = p.grad_out + b * p.gs.b;
+      T* dx = p.dx + b * p.ds.b;
+      const int64_t first[2] = {blk.j0, half_c + blk.j0};
+
+      V vm[2][kMaxVectorsPerHalf], va[2][kMaxVectorsPerHalf], vb[2][kMaxVectorsPerHalf];
+      for (int h = 0; h < 2; ++h) {
+        for (int64_t v = 0; v < blk.vectors; ++v) {
+          A m[N] = {}, a[N] = {}, bb[N] = {};
+          for (int64_t l = 0; l < blk.counts[v]; ++l) {
+            const int64_t c = first[h] + v * N + l;
+            const auto gate = plane_math::plane_gate<A>(p.params, c, p.mean[b * g.channels + c],
+                                                        p.rstd[b * g.channels + c]);
+            m[l] = p.mean[b * g.channels + c];
+            a[l] = gate.alpha;
+            bb[l] = gate.beta;
+          }
+          vm[h][v] = V::loadu(m);
+          va[h][v] = V::loadu(a);
+          vb[h][v] = V::loadu(bb);
+        }
+      }
+
+      // The upstream gradient of pair j sits interleaved at output channels 2j, 2j + 1.
+      auto load_dy = [&](const T* row, int64_t v, V (&out)[2]) {
+        const T* src = row + 2 * (blk.j0 + v * N);
+        const int64_t count = 2 * blk.counts[v];
+        const V lo = load_count(src, std::min(N, count));
+        const V hi = count > N ? load_count(src + N, count - N) : V(A(0));
+        const auto d = at::vec::deinterleave2(lo, hi);
+        out[0] = std::get<0>(d);
+        out[1] = std::get<1>(d);
+      };
+
+      // Pass 1: plane sums S1 = sum(dt) and sum(dt * (x - mean)) per channel lane.
+      V acc1[2][kMaxVectorsPerHalf], acc2[2][kMaxVectorsPerHalf];
+      for (int h = 0; h < 2; ++h) {
+        for (int64_t v = 0; v < blk.vectors; ++v) acc1[h][v] = acc2[h][v] = V(A(0));
+      }
+      for (int64_t pos = 0; pos < n; ++pos) {
+        const T* row = x + pos * g.channels;
+        for (int64_t v = 0; v < blk.vectors; ++v) {
+          V d[2];
+          load_dy(dy + pos * g.channels, v, d);
+          for (int h = 0; h < 2; ++h) {
+            const V xv = load_count(row + first[h] + v * N, blk.counts[v]);
+            const V xc = xv - vm[h][v];
+            const V s = vec_sigmoid(at::vec::fmadd(va[h][v], xc, vb[h][v]));
+            const V dt = d[h] * xv * s * (one - s);
+            acc1[h][v] += dt;
+            acc2[h][v] = at::vec::fmadd(dt, xc, acc2[h][v]);
+          }
+        }
+      }
+      V vk0[2][kMaxVectorsPerHalf], vk1[2][kMaxVectorsPerHalf];
+      for (int h = 0; h < 2; ++h) {
+        for (int64_t v = 0; v < blk.vectors; ++v) {
+          A a1[N], a2[N], k0[N] = {}, k1[N] = {};
+          acc1[h][v].store(a1);
+          acc2[h][v].store(a2);
+          for (int64_t l = 0; l < blk.counts[v]; ++l) {
+            const int64_t c = first[h] + v * N + l;
+            const int64_t q = b * g.channels + c;
+            const A rstd = p.rstd[q];
+            const A s2 = a2[l] * rstd;
+            const auto gate = plane_math::plane_gate<A>(p.params, c, p.mean[q], rstd);
+            const auto coef = plane_math::grad_coefficients(p.params, gate, rstd, a1[l], s2, n);
+            plane_math::plane_partials(p.partials + 2 * q, gate.spatial, a1[l], s2, p.mean[q]);
+            k0[l] = coef.k0;
+            k1[l] = coef.k1;
+          }
+          vk0[h][v] = V::loadu(k0);
+          vk1[h][v] = V::loadu(k1);
+        }
+      }
+
+      // Pass 2: dx = dy * s + alpha * dt + k0 + k1 * (x - mean).
+      for (int64_t pos = 0; pos < n; ++pos) {
+        const T* row = x + pos * g.channels;
+        T* drow = dx + pos * g.channels;
+        for (int64_t v = 0; v < blk.vectors; ++v) {
+          V d[2];
+          load_dy(dy + pos * g.channels, v, d);
+          for (int h = 0; h < 2; ++h) {
+            const V xv = load_count(row + first[h] + v * N, blk.counts[v]);
+            const V xc = xv - vm[h][v];
+            const V s = vec_sigmoid(at::vec::fmadd(va[h][v], xc, vb[h][v]));
+            const V dt = d[h] * xv * s * (one - s);
+            const V r = at::vec::fmadd(d[h], s, at::vec::fmadd(va[h][v], dt, at::vec::fmadd(vk1[h][v], xc, vk0[h][v])));
+            Lanes<T>::store(drow + first[h] + v * N, r, blk.counts[v]);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const BackwardArgs<T>& p) {
+  const Geometry& g = p.geo;
+  const bool cl = !planes_contiguous(p.xs, g) && channels_last(p.xs, g) &&
+                  channels_last(p.gs, g) && channels_last(p.ds, g);
+  if (cl) {
+    backward_channels_last(p);
+  } else {
+    backward_planes(p);
+  }
+}
+
+// ---- the ops' CPU implementations ------------------------------------------------------
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_attention_cpu(
+    const at::Tensor& x, const at::Tensor& cweight, const at::Tensor& cbias,
+    const at::Tensor& sweight, const at::Tensor& sbias, const at::Tensor& gn_weight,
+    const at::Tensor& gn_bias, int64_t groups, double eps) {
+  const checks::ParamRefs params = {&cweight, &cbias, &sweight, &sbias, &gn_weight, &gn_bias};
+  checks::check_inputs(x, params, groups);
+  const at::ScalarType acc = checks::acc_dtype(x.scalar_type());
+  at::Tensor out = at::empty_like(x);  // x's memory format and strides, as the fake kernel
+  at::Tensor mean = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc));
+  if (x.numel() == 0) {
+    mean.zero_();
+    rstd.zero_();
+    return {out, mean, rstd};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sa_kernels_cpu_forward", [&] {
+    using A = acc_t<scalar_t>;
+    const ParamTable<A> table(params);
+    ForwardArgs<scalar_t> p;
+    p.x = x.const_data_ptr<scalar_t>();
+    p.xs = strides_of(x);
+    p.out = out.data_ptr<scalar_t>();
+    p.os = strides_of(out);
+    p.mean = mean.data_ptr<A>();
+    p.rstd = rstd.data_ptr<A>();
+    p.params = table.params();
+    p.geo = geometry_of(x);
+    p.eps = eps;
+    forward_kernel(p);
+  });
+  return {out, mean, rstd};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+shuffle_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& cweight, const at::Tensor& cbias,
+                               const at::Tensor& sweight, const at::Tensor& sbias,
+                               const at::Tensor& gn_weight, const at::Tensor& gn_bias,
+                               const at::Tensor& mean, const at::Tensor& rstd, int64_t groups,
+                               double /*eps: rstd holds it*/) {
+  const checks::ParamRefs params = {&cweight, &cbias, &sweight, &sbias, &gn_weight, &gn_bias};
+  checks::check_backward_inputs(grad_out, x, params, mean, rstd, groups);
+  at::Tensor dx = at::empty_like(x);  // x's memory format and strides, as the fake kernel
+  at::Tensor grads[6];
+  for (int i = 0; i < 6; ++i) grads[i] = at::empty(params[i]->sizes(), params[i]->options());
+  if (x.numel() == 0) {
+    for (auto& g : grads) g.zero_();
+    return {dx, grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
+  }
+  const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sa_kernels_cpu_backward", [&] {
+    using A = acc_t<scalar_t>;
+    const ParamTable<A> table(params);
+    std::vector<A> partials(2 * x.size(0) * x.size(1));
+    BackwardArgs<scalar_t> p;
+    p.grad_out = grad_out.const_data_ptr<scalar_t>();
+    p.gs = strides_of(grad_out);
+    p.x = x.const_data_ptr<scalar_t>();
+    p.xs = strides_of(x);
+    p.dx = dx.data_ptr<scalar_t>();
+    p.ds = strides_of(dx);
+    p.mean = mean_c.const_data_ptr<A>();
+    p.rstd = rstd_c.const_data_ptr<A>();
+    p.partials = partials.data();
+    p.params = table.params();
+    p.geo = geometry_of(x);
+    backward_kernel(p);
+
+    // Fixed-order (batch, then group) sums: bitwise the same for any thread count.
+    const int64_t half = p.params.half;
+    std::vector<A> acc_grads(6 * half);
+    for (int64_t k = 0; k < half; ++k) {
+      A g6[6];
+      plane_math::parameter_gradients(p.params, partials.data(), p.geo.batch, p.geo.channels, k, g6);
+      for (int i = 0; i < 6; ++i) acc_grads[i * half + k] = g6[i];
+    }
+    for (int i = 0; i < 6; ++i) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[i].scalar_type(), "sa_grads", [&] {
+        scalar_t* dst = grads[i].data_ptr<scalar_t>();
+        for (int64_t k = 0; k < half; ++k) dst[k] = static_cast<scalar_t>(acc_grads[i * half + k]);
+      });
+    }
+  });
+  return {dx, grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace sa_kernels

@@ -1,0 +1,81 @@
+// Vector loads and stores between memory of element type T and registers of its
+// accumulation type (float for float16/bfloat16/float32, double for float64), and the
+// vector gate. Compiled once per CPU capability, like cpu_kernels.h.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace sa_kernels {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+constexpr bool kReduced = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+// One vector of the accumulation type holds kSize consecutive elements of T.
+template <typename T>
+struct Lanes {
+  using A = acc_t<T>;
+  using V = at::vec::Vectorized<A>;
+  static constexpr int64_t kSize = V::size();
+
+  static V load(const T* p) {
+    if constexpr (kReduced<T>) {
+      V v;
+      at::vec::load_to_float(p, v);
+      return v;
+    } else {
+      return V::loadu(p);
+    }
+  }
+
+  // The first n < kSize elements; the other lanes are zero.
+  static V load(const T* p, int64_t n) {
+    if constexpr (kReduced<T>) {
+      T buf[kSize * 2] = {};  // load_to_float may read a whole vector of T
+      std::copy(p, p + n, buf);
+      return load(buf);
+    } else {
+      return V::loadu(p, n);
+    }
+  }
+
+  static void store(T* p, const V& v, int64_t n = kSize) {
+    if constexpr (kReduced<T>) {
+      at::vec::convert_from_float<T>(v, v).store(p, int(n));  // rounds to nearest even
+    } else {
+      v.store(p, int(n));
+    }
+  }
+};
+
+template <typename V>
+inline V vec_sigmoid(const V& z) {
+  const V one(1);
+  return one / (one + z.neg().exp());
+}
+
+// Sum of a vector's lanes in lane order (a fixed order, so results are reproducible).
+template <typename V>
+inline typename V::value_type lane_sum(const V& v) {
+  using A = typename V::value_type;
+  A lanes[V::size()];
+  v.store(lanes);
+  A total = A(0);
+  for (int i = 0; i < V::size(); ++i) total += lanes[i];
+  return total;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace sa_kernels

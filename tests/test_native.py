@@ -1,0 +1,204 @@
+"""The native ops (C++ schemas, autograd and CPU kernels): what the shared backend tests do not cover.
+
+tests/test_shuffle_attention.py, test_ops.py and test_export.py run every backend, the
+``cpu`` backend included: forward and all gradients against the float64 reference on odd
+shapes, dtypes and layouts, gradcheck, opcheck of the Python ops, compile and export.
+Here: the extension is built and loaded for this CPU, the native ops themselves under
+opcheck, autograd in C++ (one op per call), thread-count determinism, every vector path
+of the CPU kernels, and each bad input's error.
+"""
+import pytest
+import torch
+
+import sa_kernels
+from sa_kernels import _native
+from helpers import assert_matches_reference, random_input, random_reference
+
+FWD = torch.ops.sa_kernels.shuffle_attention.default
+BWD = torch.ops.sa_kernels.shuffle_attention_backward.default
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def native_args(B=2, C=32, H=5, W=7, G=4, dtype=torch.float32, fmt=torch.contiguous_format):
+    ref = random_reference(C, G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    params = [p.detach().clone() for p in ref.parameters()]
+    return random_input((B, C, H, W), dtype, "cpu", fmt), params, G
+
+
+def test_the_extension_is_built_for_this_cpu():
+    # The README's set-up builds it wherever a compiler is present (CI included): without
+    # it every cpu-backend test below would be skipped, so its absence is a failure here.
+    assert _native.ops_loaded(), _native.unavailable_reason_ops()
+    assert _native.cpu_capability() is not None, _native.unavailable_reason_cpu()
+    torch_capability = torch.backends.cpu.get_cpu_capability().lower()
+    if torch_capability in ("avx512", "avx2", "default"):
+        assert _native.cpu_capability() == torch_capability
+    assert sa_kernels.backends.resolve_name("auto", "cpu") == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_opcheck_native_ops(dtype, fmt):
+    x, params, G = native_args(dtype=dtype, fmt=fmt)
+    args = (x.requires_grad_(), *[p.requires_grad_() for p in params], G, 1e-5)
+    torch.library.opcheck(FWD, args)
+    out, mean, rstd = FWD(x.detach(), *[p.detach() for p in params], G, 1e-5)
+    dy = random_input(out.shape, dtype, "cpu", fmt)
+    torch.library.opcheck(BWD, (dy, x.detach(), *[p.detach() for p in params], mean, rstd, G, 1e-5))
+
+
+def test_autograd_is_one_cpp_node():
+    fused = sa_kernels.FusedShuffleAttention.from_module(random_reference(16, 2), backend="cpu")
+    x = random_input((2, 16, 3, 3), torch.float32, "cpu").requires_grad_()
+    out = fused(x)
+    assert "CppNode" in out.grad_fn.name() and "ShuffleAttentionFunction" in out.grad_fn.name()
+    # Straight into the leaves: x and the six parameters, nothing in between.
+    assert [type(f).__name__ for f, _ in out.grad_fn.next_functions] == ["AccumulateGrad"] * 7
+
+
+def test_only_the_inputs_that_need_grad_get_one():
+    fused = sa_kernels.FusedShuffleAttention.from_module(random_reference(16, 2), backend="cpu")
+    fused.cweight.requires_grad_(False)
+    x = random_input((2, 16, 3, 3), torch.float32, "cpu")  # no grad
+    fused(x).sum().backward()
+    assert fused.cweight.grad is None and fused.sbias.grad is not None
+
+
+def test_double_backward_is_refused():
+    x, params, G = native_args()
+    x.requires_grad_()
+    out = sa_kernels.shuffle_attention(x, *params, G, backend="cpu")
+    (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative|not implemented|autograd"):
+        torch.autograd.grad(gx.sum(), x)
+
+
+def test_a_native_forward_is_differentiated_by_another_backend():
+    x, params, G = native_args(dtype=torch.float64)
+    params = [p.reshape(-1) for p in params]  # the Python ops take them flat
+    out, mean, rstd = FWD(x, *params, G, 1e-5)
+    _, mean_t, rstd_t = torch.ops.sa_kernels.forward(x, *params, G, 1e-5, "torch")
+    torch.testing.assert_close(mean, mean_t)
+    torch.testing.assert_close(rstd, rstd_t)
+    dy = random_input(x.shape, torch.float64, "cpu")
+    native = BWD(dy, x, *params, mean, rstd, G, 1e-5)
+    python = torch.ops.sa_kernels.backward(dy, x, *params, mean, rstd, G, 1e-5, "torch")
+    for a, b in zip(native, python):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+# Shapes that reach every vector path: planes longer than the 4-vector unrolled loop with a
+# tail, channels_last tasks of several vectors per half with a partial last vector, pair
+# counts below one vector, single-row and single-column planes.
+PATH_SHAPES = [
+    (1, 8, 61, 67, 2),     # NCHW planes of 4087 elements: unrolled loop plus a tail
+    (2, 160, 6, 5, 4),     # channels_last: C/2 = 80 pairs, tasks of several vectors, a partial one
+    (3, 520, 2, 3, 13),    # channels_last: C/2 = 260, many tasks per image
+    (2, 12, 9, 1, 3),      # C/2 = 6 pairs, less than one vector; W = 1
+    (2, 12, 1, 9, 3),      # H = 1
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("fmt", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("B,C,H,W,G", PATH_SHAPES, ids=str)
+def test_every_vector_path_matches_the_reference(B, C, H, W, G, fmt, dtype):
+    ref = random_reference(C, G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    x = random_input((B, C, H, W), dtype, "cpu", fmt)
+    assert_matches_reference(ref, sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu"), x)
+
+
+@pytest.mark.parametrize("dy_fmt", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("x_fmt", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_mixed_layouts_of_x_and_the_upstream_gradient(x_fmt, dy_fmt):
+    ref = random_reference(32, 4)
+    x = random_input((2, 32, 6, 7), torch.float32, "cpu", x_fmt)
+    dy = random_input(x.shape, torch.float32, "cpu", dy_fmt)
+    assert_matches_reference(ref, sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu"), x, dy)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_bitwise_identical_across_thread_counts(fmt):
+    # Enough planes (and channels_last tasks) that 4 threads split the work.
+    ref = random_reference(256, 8)
+    fused = sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu")
+    x = random_input((4, 256, 23, 21), torch.float32, "cpu", fmt)
+    dy = random_input(x.shape, torch.float32, "cpu", fmt)
+    previous = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 4, 1):
+            torch.set_num_threads(threads)
+            xr = x.detach().requires_grad_()
+            fused.zero_grad(set_to_none=True)
+            out = fused(xr)
+            out.backward(dy)
+            runs.append([out, xr.grad] + [p.grad for p in fused.parameters()])
+    finally:
+        torch.set_num_threads(previous)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def _bad(**overrides):
+    """Native forward args with one replaced: x, a parameter by index, groups."""
+    x, params, G = native_args()
+    if "x" in overrides:
+        x = overrides["x"]
+    for i, p in overrides.get("params", {}).items():
+        params[i] = p
+    return (x, *params, overrides.get("groups", G), 1e-5)
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (_bad(x=torch.randn(32, 5, 7)), ValueError, r"x must be 4-D \(B, C, H, W\), got a 3-D tensor of shape \(32, 5, 7\)"),
+    (_bad(x=torch.randn(2, 24, 5, 7)), ValueError, r"x has 24 channels, expected 2 \* G \* half = 2 \* 4 \* 4 = 32"),
+    (_bad(x=torch.randint(0, 5, (2, 32, 5, 7))), TypeError, r"floating dtype.*got torch\.int64"),
+    (_bad(params={2: torch.randn(4, device="meta")}), ValueError, r"sweight is on meta, expected x's device cpu"),
+    (_bad(params={5: torch.randn(3)}), ValueError, r"gn_bias has 3 elements \(shape \(3,\)\), expected half = 4"),
+    (_bad(params={1: torch.randint(0, 3, (4,))}), TypeError, r"cbias must have a floating dtype, got torch\.int64"),
+    (_bad(groups=0), ValueError, "groups must be a positive int, got 0"),
+], ids=["rank", "channels", "int-dtype", "param-device", "param-size", "param-dtype", "groups"])
+def test_forward_errors_are_clear_python_exceptions(args, error, match):
+    with pytest.raises(error, match=match):
+        FWD(*args)
+    if args[0].dim() == 4 and args[0].is_floating_point():
+        with pytest.raises(error, match=match):  # the module's fast path checks the same way
+            sa_kernels.shuffle_attention(*args[:7], groups=args[7], backend="cpu")
+
+
+def test_backward_errors_are_clear_python_exceptions():
+    x, params, G = native_args()
+    out, mean, rstd = FWD(x, *params, G, 1e-5)
+    dy = torch.randn_like(x)
+    with pytest.raises(ValueError, match=r"grad_out has shape \(2, 32, 5, 6\), expected x's shape \(2, 32, 5, 7\)"):
+        BWD(dy[..., :6], x, *params, mean, rstd, G, 1e-5)
+    with pytest.raises(TypeError, match=r"grad_out has dtype torch\.float64, expected x's dtype torch\.float32"):
+        BWD(dy.double(), x, *params, mean, rstd, G, 1e-5)
+    with pytest.raises(ValueError, match=r"mean must be the forward's statistics of shape \(2, 32\) and dtype "
+                                         r"torch\.float32, got shape \(2, 32\) and dtype torch\.float64"):
+        BWD(dy, x, *params, mean.double(), rstd, G, 1e-5)
+    with pytest.raises(ValueError, match=r"rstd must be the forward's statistics of shape \(2, 32\)"):
+        BWD(dy, x, *params, mean, rstd[:1], G, 1e-5)
+
+
+def test_the_fast_binding_refuses_what_is_not_a_tensor():
+    x, params, G = native_args()
+    fast = _native.fast_forward()
+    with pytest.raises(TypeError, match="cbias must be a torch.Tensor, got list"):
+        fast(x, params[0], [1.0] * 4, *params[2:], G, 1e-5)
+    with pytest.raises(TypeError, match="takes 9 arguments, got 3"):
+        fast(x, params[0], params[1])
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        sa_kernels.FusedShuffleAttention(32, G=4, backend="cpu")([1.0])
+
+
+def test_empty_tensors():
+    x, params, G = native_args()
+    for shape in [(0, 32, 5, 7), (2, 32, 0, 7)]:
+        empty = torch.empty(shape)
+        out, mean, rstd = FWD(empty, *params, G, 1e-5)
+        assert out.shape == shape and mean.shape == shape[:2] and not mean.any()
+        grads = BWD(torch.empty(shape), empty, *params, mean, rstd, G, 1e-5)
+        assert grads[0].shape == shape and all(not g.any() for g in grads[1:])
