@@ -15,7 +15,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import Parameter
 
-import sa_kernels
 from sa_kernels import FuseError, FusedShuffleAttention, ShuffleAttention, fuse_model
 from sa_kernels.models import sa_resnet50
 from helpers import PARAM_GRAD_RTOL, TOLERANCES, assert_rel_close, random_input, random_reference
@@ -579,10 +578,10 @@ def test_official_sa_resnet50_is_fused_end_to_end_and_its_logits_match(caplog):
     assert "swapped 16 module(s)" in caplog.text
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        # Measured: logits within 1e-6 of the unfused model; 1e-5 as in tests/test_models.py.
+        # Measured: logits within 1.1e-6 of the unfused model (logits up to 1.7); 1e-5 as in test_models.py.
         torch.testing.assert_close(model(x), original_copy(x), atol=1e-5, rtol=1e-5)
     # The official layout is ours key for key: its weights load strictly into sa_resnet50.
-    sa_kernels.models.sa_resnet50(backend="torch").load_state_dict(original_copy.state_dict())
+    sa_resnet50(backend="torch").load_state_dict(original_copy.state_dict())
 
 
 # ----- from_module
