@@ -129,7 +129,7 @@ def _layout(module, gate_names):
     own = dict(module.named_parameters(recurse=False))
     not_own = [n for n in gate_names if not isinstance(own.get(n), nn.Parameter)]
     if not_own:
-        raise _NotFit(f"{', '.join(not_own)} are not Parameters registered on the module itself")
+        raise _NotFit(f"not Parameters registered on the module itself: {', '.join(not_own)}")
     half = own[gate_names[0]].numel()
     sizes = {n: own[n].numel() for n in gate_names}
     if half == 0 or len(set(sizes.values())) != 1:

@@ -321,7 +321,7 @@ def _on_meta():
     return OfficialSALayer(32, groups=4).to("meta")
 
 
-@pytest.mark.parametrize("build,reason", [
+UNFIT = [
     (_no_group_count, "no integer group count attribute"),
     (_wrong_norm, r"GroupNorm\(1, 4, affine=True\), expected an affine GroupNorm\(4, 4\)"),
     (_not_affine, "affine=False"),
@@ -330,9 +330,12 @@ def _on_meta():
     (_hooked, "hooks on itself would not carry over"),
     (_channel_disagrees, r"channel=64 but .* 2 \* 4 \* 4 = 32"),
     (_groups_disagree, "group count attributes disagree"),
-    (_buffers_not_parameters, "cweight are not Parameters"),
+    (_buffers_not_parameters, "not Parameters registered on the module itself: cweight"),
     (_on_meta, "meta device"),
-], ids=lambda v: getattr(v, "__name__", "")[1:] or None)
+]
+
+
+@pytest.mark.parametrize("build,reason", UNFIT, ids=[build.__name__[1:] for build, _ in UNFIT])
 def test_unfit_candidates_are_left_alone_with_the_reason(build, reason):
     model = nn.Sequential(nn.Identity(), build())
     sa = model[1]
@@ -370,7 +373,6 @@ def test_an_optimizer_built_before_the_swap_trains_the_swapped_parameters(form):
 def test_state_dict_keys_are_unchanged_and_checkpoints_load_both_ways(form):
     model = host(FORMS[form]())
     keys = list(model.state_dict())
-    unfused_copy = copy.deepcopy(model)
     fuse_model(model)
     assert list(model.state_dict()) == keys
     # A checkpoint of the fused model loads strictly into the unfused model, and back.
@@ -388,7 +390,6 @@ def test_state_dict_keys_are_unchanged_and_checkpoints_load_both_ways(form):
     for clone in (copy.deepcopy(model), _pickled(model)):
         assert list(clone.state_dict()) == keys
         torch.testing.assert_close(clone(x), other(x), **TOLERANCES[torch.float64])
-    assert list(unfused_copy.state_dict()) == keys
 
 
 def _pickled(model):
