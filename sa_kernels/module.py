@@ -1,4 +1,4 @@
-"""``FusedShuffleAttention``: a drop-in for the reference module, and ``fuse_model``."""
+"""``FusedShuffleAttention``: a drop-in for the reference module (``fuse_model`` lives in fuse.py)."""
 import torch
 from torch import nn
 from torch.nn.parameter import Parameter
@@ -6,9 +6,6 @@ from torch.nn.parameter import Parameter
 from . import functional
 from ._checks import check_config
 from .backends import check_choice
-from .reference import ShuffleAttention
-
-_SEED_PARAMS = ("cweight", "cbias", "sweight", "sbias")
 
 
 class FusedShuffleAttention(nn.Module):
@@ -75,65 +72,11 @@ class FusedShuffleAttention(nn.Module):
 
     @classmethod
     def from_module(cls, module, backend="auto"):
-        """A fused copy of a ShuffleAttention-like ``module`` (parameters copied, same device and dtype)."""
-        return _fused_from(cls, module, backend, share_parameters=False)
+        """A fused copy of a Shuffle Attention ``module`` of any of the forms ``fuse_model`` recognises
+        (parameters copied, same device, dtype, eps, requires_grad and mode; the reference's names).
 
-
-def is_shuffle_attention_like(module):
-    """The reference class, or any module with the seed's attributes (G, channel, the four gates, gn)."""
-    if isinstance(module, FusedShuffleAttention):
-        return False
-    if isinstance(module, ShuffleAttention):
-        return True
-    return (all(isinstance(getattr(module, n, None), torch.Tensor) for n in _SEED_PARAMS)
-            and isinstance(getattr(module, "gn", None), nn.GroupNorm)
-            and isinstance(getattr(module, "G", None), int)
-            and isinstance(getattr(module, "channel", None), int))
-
-
-def _fused_from(cls, module, backend, share_parameters):
-    if not is_shuffle_attention_like(module):
-        raise TypeError(f"expected a ShuffleAttention-like module, got {type(module).__name__}")
-    channel, G, gn = module.channel, module.G, module.gn
-    check_config(channel, G)
-    half = channel // (2 * G)
-    if not gn.affine or gn.num_groups != half or gn.num_channels != half:
-        raise ValueError(
-            f"{type(module).__name__}.gn must be an affine GroupNorm({half}, {half}), got "
-            f"GroupNorm({gn.num_groups}, {gn.num_channels}, affine={gn.affine})")
-    fused = cls(channel, G=G, backend=backend)
-    fused.gn.eps = gn.eps
-    sources = {n: getattr(module, n) for n in _SEED_PARAMS}
-    sources.update({"gn.weight": gn.weight, "gn.bias": gn.bias})
-    for name, src in sources.items():
-        if src.numel() != half:
-            raise ValueError(f"{type(module).__name__}.{name} has {src.numel()} values, expected {half}")
-        target = fused.get_parameter(name)
-        if share_parameters and isinstance(src, Parameter) and src.shape == target.shape:
-            new = src
-        else:
-            new = Parameter(src.detach().clone().reshape(target.shape), requires_grad=src.requires_grad)
-        owner, attr = (fused.gn, name[3:]) if name.startswith("gn.") else (fused, name)
-        setattr(owner, attr, new)
-    return fused.train(module.training)
-
-
-def fuse_model(model, backend="auto"):
-    """Swap, in place, every ShuffleAttention-like module of ``model`` for a FusedShuffleAttention.
-
-    The fused modules take over the originals' Parameter objects, so an optimizer
-    built before the swap keeps training the same tensors. Fused modules already
-    in the model get ``backend``. Returns the model (the fused module itself when
-    ``model`` is ShuffleAttention-like).
-    """
-    check_choice(backend)
-    if isinstance(model, FusedShuffleAttention):
-        model.backend = backend
-        return model
-    if is_shuffle_attention_like(model):
-        return _fused_from(FusedShuffleAttention, model, backend, share_parameters=True)
-    for name, child in list(model.named_children()):
-        fused = fuse_model(child, backend)
-        if fused is not child:
-            setattr(model, name, fused)
-    return model
+        Raises TypeError for a module that is not Shuffle Attention-like, ValueError (with the
+        reason) for one that cannot be fused or that computes something else.
+        """
+        from .fuse import fused_copy  # fuse.py imports this module
+        return fused_copy(cls, module, backend)
