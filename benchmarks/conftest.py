@@ -98,6 +98,10 @@ def pytest_configure(config):
         },
     }
     config.stash[_RUN_LOG] = runlog.RunLog(config.getoption("--sa-json"), info)
+    if config.option.verbose == 0:
+        # Quiet pytest's own progress: the suite prints a line per case, and at the default
+        # verbosity pytest would repeat the file's name before each of them.
+        config.option.verbose = -1
     config.stash[_PROGRESS] = {"total": 0, "done": 0, "skip_reasons": set()}
 
 

@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh                    # every stage, in the order below
 #   bash benchmarks/gpu_session.sh build test         # chosen stages, in the order given
 #   SESSION_DRY_RUN=1 bash benchmarks/gpu_session.sh  # print the plan (commands, time limits)
+#   bash benchmarks/gpu_session.sh bench-cpu          # issue 10's CPU targets on this machine's
+#                                                     # CPU (an idle one), GPU hidden; not a default stage
 #
 # Each stage runs under its own `timeout`: its budget, cut to what is left of the session
 # (SESSION_SECONDS, default 510) after the minimum the later stages keep for themselves. A stage
@@ -23,6 +25,7 @@
 #
 # Environment knobs (defaults in brackets): SESSION_SECONDS [510]; GPU_TESTS [tests/test_cuda.py
 # tests/test_triton.py tests/test_cuda_ext.py tests/test_module.py]; TEST_WORKERS [12];
+# CPU_THREADS [1] (bench-cpu: torch.set_num_threads; "default" for torch's default);
 # SANITIZE_TESTS [tests/test_cuda.py]; SANITIZE_K [see below]; BENCH_KERNEL_ARGS and
 # BENCH_MODEL_ARGS (extra pytest arguments); TORCH_CUDA_ARCH_LIST [9.0]; MAX_JOBS [16].
 set -uo pipefail
@@ -59,14 +62,14 @@ SUMMARY="$OUT/summary.txt"
 # tests 36 s with -n 12, 5-10 s per cold torch.compile of the reference), not measurements of
 # this script; the first session's summary.txt replaces them.
 declare -A BUDGET=([info]=15 [build]=150 [test]=120 [bench-kernels]=240 [bench-models]=150
-                   [sanitize]=120 [bench-model-compile]=200 [report]=30)
+                   [sanitize]=120 [bench-model-compile]=200 [report]=30 [bench-cpu]=400)
 declare -A MINIMUM=([info]=5 [build]=60 [test]=45 [bench-kernels]=90 [bench-models]=60
-                    [sanitize]=45 [bench-model-compile]=0 [report]=20)
+                    [sanitize]=45 [bench-model-compile]=0 [report]=20 [bench-cpu]=0)
 ALL_STAGES=(info build test bench-kernels bench-models sanitize bench-model-compile report)
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=("${ALL_STAGES[@]}")
 for stage in "${STAGES[@]}"; do
-  [ -n "${BUDGET[$stage]+x}" ] || { echo "unknown stage $stage (${ALL_STAGES[*]})"; exit 2; }
+  [ -n "${BUDGET[$stage]+x}" ] || { echo "unknown stage $stage (${ALL_STAGES[*]} bench-cpu)"; exit 2; }
 done
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
@@ -163,6 +166,23 @@ stage_sanitize() {
   return $rc
 }
 
+# Issue 10's CPU targets (--sa-shapes cpu) with the GPU hidden, reported on their own: a CPU
+# report beside the GPU one (its files are named cpu-...-t<threads>).
+stage_bench_cpu() {
+  local t=$1 threads=() rc
+  [ "${CPU_THREADS:-1}" = default ] || threads=(--sa-threads "${CPU_THREADS:-1}")
+  run_limited $((t - 20)) "$LOGS/bench-cpu.log" env CUDA_VISIBLE_DEVICES= "$PY" -m pytest \
+    benchmarks/test_bench_shuffle_attention.py --benchmark-only -p no:cacheprovider \
+    --sa-json="$LOGS/bench-cpu.json" --sa-shapes cpu "${threads[@]}" ${BENCH_CPU_ARGS:-}
+  rc=$?
+  [ "$DRY" = 1 ] || pytest_outcome "$LOGS/bench-cpu.log"
+  if [ "$DRY" = 1 ] || [ -s "$LOGS/bench-cpu.json" ]; then
+    run_limited 20 "$LOGS/report-cpu.log" "$PY" -m sa_kernels.bench --json "$LOGS/bench-cpu.json" \
+      --out "$OUT" || rc=1
+  fi
+  return $rc
+}
+
 stage_report() {
   local jsons=() f
   for f in "$LOGS/bench-kernels.json" "$LOGS/bench-models.json" "$LOGS/bench-model-compile.json"; do
@@ -203,6 +223,7 @@ for i in "${!STAGES[@]}"; do
                            "--sa-compile all -k compile ${BENCH_MODEL_ARGS:-}" ;;
     sanitize) stage_sanitize "$t" ;;
     report) stage_report "$t" ;;
+    bench-cpu) stage_bench_cpu "$t" ;;
   esac
   rc=$?
   [ "$rc" -ne 0 ] && status=1

@@ -13,7 +13,11 @@ import torch
 from sa_kernels.bench import metrics, models, timing
 
 # Warm-up steps before timing: the first runs cuDNN's algorithm search (cudnn.benchmark).
-WARMUP_STEPS = 3
+WARMUP_STEPS = 2
+# A model step lasts milliseconds and barely varies: few steps give its time, and the suite
+# has 48 model rows on a GPU to fit in its minutes.
+ESTIMATE_STEPS = 2
+MIN_ROUNDS = 5
 PROFILED_STEPS = 2
 # A round lasts at least this long, so short (inference, batch 1) steps run back to back.
 MIN_ROUND_S = 20e-3
@@ -49,7 +53,8 @@ def test_sa_resnet50(benchmark, model_case, provider, bench_device, measure, ref
     step = models.model_step(model_case, provider, bench_device)
     benchmark.group = model_case.id
     try:
-        wall = measure(step, warmup_calls=WARMUP_STEPS, min_round_s=MIN_ROUND_S)
+        wall = measure(step, warmup_calls=WARMUP_STEPS, min_round_s=MIN_ROUND_S,
+                       min_rounds=MIN_ROUNDS, estimate_calls=ESTIMATE_STEPS)
     except torch._dynamo.exc.BackendCompilerFailed as e:
         skip_provider(provider, f"torch.compile failed here: {str(e).splitlines()[0]}")
     if wall is None:  # --benchmark-disable: one smoke step

@@ -607,7 +607,7 @@ def test_kernel_table_shows_both_clocks_and_names_each_case_once():
 
 def test_model_table():
     lines = report.format_model_table(report.rows_from_json(_synthetic_run())).splitlines()
-    assert lines[0] == "| " + " | ".join(report.MODEL_HEADER) + " |"
+    assert lines[0] == "| " + " | ".join(report.model_header(True)) + " |"
     assert lines[2].startswith("| train, batch 64, 224x224 | channels_last | bf16-autocast | no-sa |")
     cuda = lines[-1]
     for cell in ("| cuda |", "| 25.0 ms |", "| 21.0 ms |", "| 2560 |", "| 3072.0 MiB |",

@@ -275,6 +275,11 @@ def test_gpu_session_dry_run_plans_every_stage_within_the_session(tmp_path):
     assert some.returncode == 0
     assert "== bench-model-compile (limit 200s)" in some.stdout
     assert "--sa-compile all -k compile" in some.stdout
+    # Issue 10's CPU targets on the lent machine's idle CPU, only when asked for, with its own report
+    assert "bench-cpu" not in result.stdout
+    cpu = _session(tmp_path, "bench-cpu", SESSION_DRY_RUN="1")
+    assert "env CUDA_VISIBLE_DEVICES= " in cpu.stdout and "--sa-shapes cpu --sa-threads 1" in cpu.stdout
+    assert "sa_kernels.bench --json" in cpu.stdout and cpu.returncode == 0
     # A session too short for a required stage says so and fails
     short = _session(tmp_path, SESSION_DRY_RUN="1", SESSION_SECONDS="200")
     assert "not run (no time left)" in short.stdout and short.returncode == 1

@@ -62,6 +62,7 @@ def run_spec(spec, device):
                                        device, workload.case_seed(case.id))
         step = workload.make_step(module, case.mode, rotation)
     elif spec["kind"] == "model":
+        torch.backends.cudnn.benchmark = True  # as the model benchmarks run: the same compile
         case = models.model_case_from_dict(spec["case"])
         step = models.model_step(case, spec["provider"], device)
     else:

@@ -283,9 +283,10 @@ def format_kernel_table(rows, with_device=None):
     return "\n".join(_table(kernel_header(with_device), 5, lines))
 
 
-MODEL_HEADER = ("step", "layout", "precision", "provider", "wall / step", "device / step",
-                "images/s", "peak mem", "SA cost (wall)", "SA cost (device)",
-                "vs eager (wall / device)")
+def model_header(with_device):
+    return ("step", "layout", "precision", "provider", "wall / step", "device / step",
+            "images/s", "peak mem", "SA cost (wall)", "SA cost (device)",
+            "vs eager (wall / device)" if with_device else "vs eager (wall)")
 
 
 def _cost(row, clock):
@@ -297,6 +298,7 @@ def _cost(row, clock):
 
 def format_model_table(rows):
     rows = [r for r in rows if r.is_model]
+    with_device = _has_device_time(rows)
     lines, previous = [], None
     for row in rows:
         i = row.info
@@ -312,8 +314,8 @@ def format_model_table(rows):
             _fmt(row.get("images_per_s"), ".0f"), format_bytes(i.get("peak_bytes")),
             "-" if i["provider"] == "no-sa" else _cost(row, "wall"),
             "-" if i["provider"] == "no-sa" else _cost(row, "device"),
-            _pair(row, "speedup_vs_eager", ".2f", "x", True)))
-    return "\n".join(_table(MODEL_HEADER, 4, lines))
+            _pair(row, "speedup_vs_eager", ".2f", "x", with_device)))
+    return "\n".join(_table(model_header(with_device), 4, lines))
 
 
 @dataclass(frozen=True)

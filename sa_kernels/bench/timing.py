@@ -153,10 +153,13 @@ def time_calls(step, device, calls):
     return (time.perf_counter() - start) / calls
 
 
-def run_benchmark(benchmark, step, device, budget_s=None, warmup_calls=None, min_round_s=None):
+def run_benchmark(benchmark, step, device, budget_s=None, warmup_calls=None, min_round_s=None,
+                  min_rounds=None, estimate_calls=None):
     """Warm ``step`` up, then time it with ``benchmark.pedantic``: the wall time per call (median, s).
 
-    On a GPU a round runs enough calls back to back to last ``min_round_s`` (default 1 ms).
+    On a GPU a round runs enough calls back to back to last ``min_round_s`` (default 1 ms), at
+    least ``min_rounds`` rounds (default 10 on a GPU, 5 on a CPU); ``estimate_calls`` calls
+    (default 5 on a GPU, 1 on a CPU) size the rounds.
 
     With ``--benchmark-disable`` the step runs once (a smoke test) and ``None`` comes back.
     """
@@ -174,13 +177,13 @@ def run_benchmark(benchmark, step, device, budget_s=None, warmup_calls=None, min
         step()
     synchronize(device)
     benchmark.extra_info["warmup_s"] = time.perf_counter() - start
-    estimate = time_calls(step, device, 5 if on_gpu else 1)
+    estimate = time_calls(step, device, estimate_calls or (5 if on_gpu else 1))
     if on_gpu:
         rounds, iterations = plan_rounds(estimate, budget_s, min_round_s=min_round_s or 1e-3,
-                                         min_rounds=10)
+                                         min_rounds=min_rounds or 10)
     else:
         rounds, iterations = plan_rounds(estimate, budget_s, min_round_s=min_round_s or 0.0,
-                                         min_rounds=5)
+                                         min_rounds=min_rounds or 5)
     timer = use_device_clock(benchmark, device)
     benchmark.extra_info.update(timer=timer, rounds_planned=rounds, iterations=iterations)
     benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=1)
