@@ -448,6 +448,13 @@ def test_device_time_sums_kernels_memcpys_and_memsets_per_call(with_types):
         timing.summarize_activities(events, "cuda", calls=0)
 
 
+def test_device_time_reader_falls_back_on_the_device_when_no_activity_type_is_known():
+    events = [_ProfilerEvent("k", "cuda", 4.0, activity_type=7),  # a type this reader does not know
+              _ProfilerEvent("range", "cuda", 9.0, activity_type=8, annotation=True),
+              _ProfilerEvent("aten::add", "cpu", 2.0, activity_type=9)]
+    assert timing.summarize_activities(events, "cuda", calls=1) == {"device_us": 4.0, "launches": 1.0}
+
+
 def test_device_time_reader_on_the_cpu_profiler():
     a, b = torch.randn(64, 64), torch.randn(64, 64)
 

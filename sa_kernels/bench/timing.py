@@ -250,23 +250,18 @@ def device_activities(events, device_type="cuda"):
     annotations and Python frames where the type is unknown).
     """
     want = torch.device(device_type).type
-    chosen = []
+    typed, untyped = [], []
     for event in events:
         kind = _activity_type(event)
         on_device = str(getattr(event, "device_type", "")).split(".")[-1].lower() == want
-        if want == "cuda":
-            if kind is not None:
-                if kind in DEVICE_WORK:
-                    chosen.append(event)
-            elif on_device and not getattr(event, "is_user_annotation", False):
-                chosen.append(event)
-        elif kind is not None:
-            if kind == "cpu_op":
-                chosen.append(event)
-        elif on_device and not getattr(event, "is_user_annotation", False) \
+        if on_device and not getattr(event, "is_user_annotation", False) \
                 and not getattr(event, "is_python_function", False):
-            chosen.append(event)
-    return chosen
+            untyped.append(event)
+        if kind in (DEVICE_WORK if want == "cuda" else ("cpu_op",)):
+            typed.append(event)
+    # Activity types where this torch has them; were none recognised (types this reader does
+    # not know), the device's events are the better answer than none.
+    return typed or untyped
 
 
 def summarize_activities(events, device_type, calls):
