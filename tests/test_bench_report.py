@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 
 import sa_kernels
 from sa_kernels.bench import cases, environment, metrics, report, timing, workload
@@ -82,45 +83,108 @@ def test_peak_memory_is_only_measured_on_cuda():
 
 # --- cases and providers ----------------------------------------------------------------------
 
-def test_gpu_runs_every_specified_shape_and_cpu_a_quick_subset():
+def _combos(selected):
+    return {(c.shape.dims + (c.shape.groups,), cases.dtype_name(c.dtype), c.layout) for c in selected}
+
+
+def test_gpu_set_runs_every_issue_shape_nchw_and_channels_last_where_asked():
     gpu = cases.select_cases("cuda")
-    cpu = cases.select_cases("cpu")
-    spec = {(64, 256, 8, 8, 8), (64, 256, 56, 56, 64), (64, 512, 28, 28, 64),
+    nchw = {(64, 256, 8, 8, 8), (64, 256, 56, 56, 64), (64, 512, 28, 28, 64),
             (64, 1024, 14, 14, 64), (64, 2048, 7, 7, 64), (16, 256, 80, 80, 8),
             (8, 64, 256, 256, 8)}
-    assert {c.shape.dims + (c.shape.groups,) for c in gpu} == spec
-    assert len(gpu) == len(spec) * len(cases.DTYPES) * len(cases.MODES)
-    assert {c.shape for c in cpu} == set(cases.QUICK_SHAPES) and len(cpu) < len(gpu)
-    # The quick set is small enough for a CPU: at most a few million elements per case.
-    assert max(math.prod(c.shape.dims) for c in cpu) <= 4_000_000
-    for case in gpu + cpu:
+    channels_last = {(64, 256, 56, 56, 64), (16, 256, 80, 80, 8), (8, 64, 256, 256, 8),
+                     (1, 256, 56, 56, 64), (8, 256, 56, 56, 64), (1, 64, 256, 256, 8)}
+    combos = _combos(gpu)
+    for dtype in ("float32", "bfloat16"):
+        assert {d for d, t, l in combos if t == dtype and l == "nchw"} == nchw
+        assert {d for d, t, l in combos if t == dtype and l == "channels_last"} == channels_last
+    assert len(gpu) == 2 * len(combos)  # forward and forward+backward of each
+    for case in gpu:
         assert case.shape.channels % (2 * case.shape.groups) == 0
-        assert {c.dtype for c in gpu} == {torch.float32, torch.bfloat16}
+    assert {c.shape.name for c in gpu if c.groupnorm} == {"seed"}  # issue 10's GPU host-cost case
     assert cases.select_cases("cpu", "full") == gpu
-    assert cases.select_cases("cuda", "quick") == cpu
+
+
+def test_quick_set_is_small_and_holds_the_host_cost_case():
+    quick = cases.select_cases("cpu")
+    assert quick == cases.select_cases("cuda", "quick")
+    assert max(math.prod(c.shape.dims) for c in quick) <= 4_000_000
+    tiny = [c for c in quick if c.shape.dims == (2, 16, 2, 2)]
+    assert {(c.shape.groups, c.dtype, c.layout, c.groupnorm) for c in tiny} == {
+        (8, torch.float32, "nchw", True)}  # nn.GroupNorm(8, 16) on it is the yardstick
+    assert {c.layout for c in quick} == {"nchw", "channels_last"}
+
+
+def test_cpu_set_has_the_stage_shapes_at_batch_8_in_both_layouts_and_dtypes():
+    cpu = cases.select_cases("cpu", "cpu")
+    combos = _combos(cpu)
+    for dims in ((8, 256, 56, 56, 64), (8, 512, 28, 28, 64), (8, 1024, 14, 14, 64),
+                 (8, 2048, 7, 7, 64), (64, 256, 8, 8, 8), (2, 256, 56, 56, 64)):
+        for dtype in ("float32", "bfloat16"):
+            for layout in cases.LAYOUTS:
+                assert (dims, dtype, layout) in combos
+    assert ((2, 16, 2, 2, 8), "float32", "nchw") in combos
     with pytest.raises(ValueError, match="shape set"):
         cases.select_cases("cpu", "tiny")
 
 
-def test_each_case_runs_its_baselines_before_the_fused_providers():
-    pairs = cases.parametrization(cases.select_cases("cpu"))
-    assert len(pairs) == len(cases.select_cases("cpu")) * len(cases.PROVIDERS)
-    order = [provider for case, provider in pairs if case == pairs[0][0]]
-    assert order[:2] == ["eager", "compile"] and set(order[2:]) == {"cuda", "triton", "cpu", "torch"}
-    assert len({case.id for case, _ in pairs}) == len(cases.select_cases("cpu"))
+def test_each_case_runs_its_yardsticks_and_baselines_before_the_fused_providers():
+    selected = cases.select_cases("cpu", "quick")
+    pairs = cases.parametrization(selected, cases.PROVIDERS)
+    by_case = {}
+    for case, provider in pairs:
+        by_case.setdefault(case, []).append(provider)
+    for case, providers in by_case.items():
+        assert providers == [p for p in cases.PROVIDERS if p in providers]  # run order
+        assert ("copy" in providers) == (case.mode == "forward")
+        assert ("groupnorm" in providers) == case.groupnorm
+        assert {"eager", "compile", "cuda", "triton", "cpu", "torch"} <= set(providers)
+    # forward before forward+backward of the same shape, dtype and layout: the copy comes first
+    order = [case for case in dict.fromkeys(case for case, _ in pairs)]
+    for i, case in enumerate(order):
+        if case.mode == "forward+backward":
+            assert order[i - 1].family == case.family and order[i - 1].mode == "forward"
+    none = cases.parametrization(selected, cases.PROVIDERS, "none")
+    assert not [p for _, p in none if p == "compile"] and len(none) < len(pairs)
+    with pytest.raises(ValueError, match="sa-compile"):
+        cases.parametrization(selected, cases.PROVIDERS, "some")
+
+
+def test_providers_option():
+    assert cases.parse_providers("auto", "cuda") == cases.DEFAULT_PROVIDERS["cuda"]
+    assert "cpu" in cases.parse_providers(None, "cpu") and "cuda" not in cases.parse_providers("", "cpu")
+    assert cases.parse_providers("torch, eager,copy", "cpu") == ("copy", "eager", "torch")
+    with pytest.raises(ValueError, match="providers"):
+        cases.parse_providers("eager,numpy", "cpu")
+
+
+def test_cases_round_trip_through_json():
+    for case in cases.select_cases("cpu", "cpu")[:6]:
+        assert cases.case_from_dict(json.loads(json.dumps(case.to_dict()))) == case
+    with pytest.raises(ValueError, match="dtype"):
+        cases.dtype_from_name("Tensor")
 
 
 def test_provider_skip_reasons(monkeypatch):
     cpu = torch.device("cpu")
-    assert cases.provider_skip_reason("eager", cpu) is None
-    assert cases.provider_skip_reason("torch", cpu) is None
+    for provider in ("eager", "torch", "copy", "groupnorm"):
+        assert cases.provider_skip_reason(provider, cpu) is None
     if torch._dynamo.is_dynamo_supported():
         assert cases.provider_skip_reason("compile", cpu) is None
     assert cases.provider_skip_reason("triton", cpu)  # the registry's reason or the interpreter's
     with pytest.raises(ValueError, match="provider"):
         cases.provider_skip_reason("numpy", cpu)
 
-    # The registry's reason is passed on as it is (e.g. a backend not built on this branch).
+    # A backend this build lacks is skipped with a reason that names it, never a crash.
+    monkeypatch.setattr(sa_kernels.backends, "BACKENDS", ("cuda", "triton", "torch"))
+    reason = cases.provider_skip_reason("cpu", cpu)
+    assert "no 'cpu' backend" in reason and "BACKENDS" in reason
+    # Once the registry has it, its own answer decides.
+    monkeypatch.setattr(sa_kernels.backends, "BACKENDS", ("cuda", "triton", "cpu", "torch"))
+    monkeypatch.setattr(sa_kernels.backends, "unavailable_reason",
+                        lambda name, device, build=True: None)
+    assert cases.provider_skip_reason("cpu", cpu) is None
+    # The registry's reason is passed on as it is (e.g. a backend not built on this machine).
     monkeypatch.setattr(sa_kernels.backends, "unavailable_reason",
                         lambda name, device, build=True: f"no {name} here")
     assert cases.provider_skip_reason("cuda", cpu) == "no cuda here"
@@ -181,6 +245,37 @@ def test_build_module_rejects_unknown_providers():
         workload.build_module("jax", SMALL, torch.float32, "cpu", 0)
     with pytest.raises(ValueError, match="mode"):
         workload.make_step(torch.nn.Identity(), "backward", None)
+
+
+@pytest.mark.parametrize("mode", cases.MODES)
+def test_channels_last_cases_get_channels_last_inputs(mode):
+    case = cases.Case(SMALL, torch.float32, mode, "channels_last")
+    for tensor in workload.make_inputs(case, "cpu", 2, seed=3).next():
+        assert tensor.is_contiguous(memory_format=torch.channels_last)
+        assert not tensor.is_contiguous()
+    x = workload.make_inputs(case, "cpu", 1, seed=3).next()[0]
+    nchw = workload.make_inputs(cases.Case(SMALL, torch.float32, mode), "cpu", 1, seed=3).next()[0]
+    assert torch.equal(x, nchw)  # the same values in another layout
+    assert x.requires_grad == (mode == "forward+backward")
+
+
+@pytest.mark.parametrize("layout", cases.LAYOUTS)
+def test_yardsticks_are_a_copy_of_x_and_group_norm_with_the_case_groups(layout):
+    case = cases.Case(SMALL, torch.float32, "forward", layout)
+    (x,) = workload.make_inputs(case, "cpu", 1, seed=4).next()
+    copy = workload.make_step(workload.build_module("copy", SMALL, torch.float32, "cpu", 0),
+                              "forward", workload.InputRotation([(x,)]))()
+    assert torch.equal(copy, x) and copy.data_ptr() != x.data_ptr()
+    assert copy.is_contiguous(memory_format=case.memory_format)
+    gn = workload.build_module("groupnorm", SMALL, torch.float32, "cpu", 0)
+    assert (gn.num_groups, gn.num_channels) == (SMALL.groups, SMALL.channels)
+    assert not torch.equal(gn.weight, torch.ones_like(gn.weight))  # random affine parameters
+    expected = torch.nn.functional.group_norm(x.double(), SMALL.groups, gn.weight.double(),
+                                              gn.bias.double(), gn.eps)
+    torch.testing.assert_close(gn(x).double(), expected, **TOLERANCES[torch.float32])
+    rotation = workload.make_inputs(cases.Case(SMALL, torch.float32, "forward+backward", layout),
+                                    "cpu", 1, seed=4)
+    assert len(workload.make_step(gn, "forward+backward", rotation)()) == 3  # dx, dweight, dbias
 
 
 # --- timing -----------------------------------------------------------------------------------
@@ -310,79 +405,282 @@ def test_copy_bandwidth_counts_read_and_write_bytes():
     assert result["gbps"] == pytest.approx(2 * result["bytes_copied"] / result["median_s"] / 1e9)
 
 
+class _ProfilerEvent:
+    """Stands in for a torch.profiler FunctionEvent: what the device-time reader looks at."""
+
+    def __init__(self, name, device, duration_us, activity_type=None, annotation=False):
+        self.name, self.duration_us = name, duration_us
+        self.device_type = getattr(DeviceType, device.upper())
+        if activity_type is not None:
+            self.activity_type = activity_type
+        self.is_user_annotation = annotation
+        self.time_range = type("Range", (), {"elapsed_us": lambda _: duration_us})()
+
+
+def _two_calls_of_gpu_events(with_types=True):
+    t = (lambda kind: kind) if with_types else (lambda kind: None)
+    events = [
+        _ProfilerEvent("aten::mul", "cpu", 10.0, t("cpu_op")),
+        _ProfilerEvent("cudaLaunchKernel", "cpu", 5.0, t("cuda_runtime")),
+        _ProfilerEvent("## Call CompiledFxGraph ##", "cuda", 40.0, t("gpu_user_annotation"),
+                       annotation=True),  # spans kernels that are counted on their own
+    ]
+    for _ in range(2):
+        events += [_ProfilerEvent("sa_forward_kernel", "cuda", 7.0, t("kernel")),
+                   _ProfilerEvent("Memcpy DtoD", "cuda", 3.0, t("gpu_memcpy")),
+                   _ProfilerEvent("Memset", "cuda", 1.0, t("gpu_memset"))]
+    return events
+
+
+@pytest.mark.parametrize("with_types", [True, False], ids=["activity-types", "older-torch"])
+def test_device_time_sums_kernels_memcpys_and_memsets_per_call(with_types):
+    events = _two_calls_of_gpu_events(with_types)
+    if with_types:  # host-side overhead records can sit on the device timeline: never device work
+        events.append(_ProfilerEvent("Lazy Function Loading", "cuda", 500.0, "overhead"))
+    result = timing.summarize_activities(events, "cuda", calls=2)
+    assert result == {"device_us": pytest.approx(11.0), "launches": 3.0}
+    assert [e.name for e in timing.device_activities(events, "cuda")] == \
+        ["sa_forward_kernel", "Memcpy DtoD", "Memset"] * 2
+    cpu = timing.summarize_activities(events, "cpu", calls=2)
+    assert cpu["device_us"] is None  # on a CPU the wall time is the only time
+    assert cpu["launches"] == (0.5 if with_types else 1.0)  # cpu_op (typed) or any CPU event
+    with pytest.raises(ValueError):
+        timing.summarize_activities(events, "cuda", calls=0)
+
+
+def test_device_time_reader_falls_back_on_the_device_when_no_activity_type_is_known():
+    events = [_ProfilerEvent("k", "cuda", 4.0, activity_type=7),  # a type this reader does not know
+              _ProfilerEvent("range", "cuda", 9.0, activity_type=8, annotation=True),
+              _ProfilerEvent("aten::add", "cpu", 2.0, activity_type=9)]
+    assert timing.summarize_activities(events, "cuda", calls=1) == {"device_us": 4.0, "launches": 1.0}
+
+
+def test_device_time_reader_on_the_cpu_profiler():
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+
+    def step():
+        with torch.profiler.record_function("a user range"):  # annotations are not operators
+            return torch.mm(a, b).relu_().sum()
+    step()
+    for calls in (2, 4):
+        events = timing.profile_calls(step, "cpu", calls)
+        ops = [e for e in events if e.name.startswith("aten::")]
+        result = timing.summarize_activities(events, "cpu", calls)
+        assert result["device_us"] is None
+        assert result["launches"] == len(ops) / calls >= 3  # mm, relu_, sum (and what they call)
+        assert not any(e.name == "a user range" for e in timing.device_activities(events, "cpu"))
+    measured = timing.measure_device_time(step, "cpu", calls=3)
+    assert measured["launches"] == result["launches"] and measured["device_us"] is None
+    assert measured["profiled_calls"] == 3 and measured["profile_s"] > 0
+    assert timing.launch_cost_us("cpu", calls=20) > 0
+
+
+def test_a_profiler_that_fails_leaves_the_wall_time(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("profiler already running\nmore")
+    monkeypatch.setattr(timing, "profile_calls", broken)
+    result = timing.measure_device_time(lambda: None, "cpu")
+    assert result["device_us"] is None and result["launches"] is None
+    assert result["profile_error"] == "profiler already running"
+
+
 # --- report -----------------------------------------------------------------------------------
 
-def _bench(case, dtype, mode, provider, median, **extra):
-    info = dict(case=case, dtype=dtype, mode=mode, provider=provider, **extra)
-    return {"name": f"test[{case}-{provider}]", "extra_info": info, "stats": {"median": median}}
+ENV = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "date": "2026-11-25",
+       "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"}
+MB = 1_000_000
+
+
+def _kernel(provider, mode, wall_us, device_us, case="seed 64x256x8x8 G8", dtype="float32",
+            layout="nchw", shape=(64, 256, 8, 8), **extra):
+    info = dict(kind="kernel", case=case, dtype=dtype, layout=layout, mode=mode, provider=provider,
+                shape=list(shape), input_bytes=MB, bytes_moved=metrics.bytes_moved(MB, mode),
+                wall_us=wall_us, device_us=device_us, launches=2.0, copy_gbps=8000.0,
+                peak_bytes=3 << 20, saved_bytes=1_048_576 if mode != "forward" else None,
+                **ENV, **extra)
+    return {"name": f"test[{case}-{mode}-{provider}]", "extra_info": info,
+            "stats": {"median": wall_us * 1e-6}}
+
+
+def _model(provider, wall_ms, device_ms, mode="train", batch=64, **extra):
+    info = dict(kind="model", model="sa_resnet50", case=f"sa_resnet50 {mode} b{batch} 224x224",
+                mode=mode, batch=batch, image=224, layout="channels_last",
+                precision="bf16-autocast", provider=provider, wall_us=wall_ms * 1e3,
+                device_us=device_ms * 1e3, launches=900.0, peak_bytes=3 << 30, **ENV, **extra)
+    return {"name": f"test[{mode}-{provider}]", "extra_info": info,
+            "stats": {"median": wall_ms * 1e-3}}
 
 
 def _synthetic_run():
-    fwd = dict(bytes_moved=2_000_000, input_bytes=1_000_000, copy_gbps=8.0)
-    bwd = dict(bytes_moved=5_000_000, input_bytes=1_000_000, copy_gbps=8.0,
-               peak_memory_bytes=3 << 20, saved_bytes=1_048_576)
     return {
         "datetime": "2026-11-25T01:02:03+00:00",
         "machine_info": {},
         "benchmarks": [
-            # pytest-benchmark may list benchmarks in any order; the report restores case order
-            _bench("seed 64x256x8x8 G8", "float32", "forward", "torch", 0.5e-3, **fwd),
-            _bench("seed 64x256x8x8 G8", "float32", "forward", "eager", 2e-3, **fwd),
-            _bench("seed 64x256x8x8 G8", "float32", "forward", "compile", 1e-3, **fwd),
-            _bench("seed 64x256x8x8 G8", "float32", "forward+backward", "torch", 2.5e-3, **bwd),
-            _bench("seed 64x256x8x8 G8", "float32", "forward+backward", "compile", 5e-3, **bwd),
+            # listed in any order; the report restores case order, then provider order
+            _kernel("cuda", "forward", 100.0, 8.0),
+            _kernel("copy", "forward", 10.0, 4.0),
+            _kernel("eager", "forward", 300.0, 40.0),
+            _kernel("groupnorm", "forward", 50.0, 5.0),
+            _kernel("compile", "forward", 200.0, 16.0),
+            _kernel("cuda", "forward+backward", 900.0, 36.0),
+            _kernel("compile", "forward+backward", 950.0, 36.0),
+            _model("no-sa", 20.0, 18.0),
+            _model("cuda", 25.0, 21.0, sa_backend="cuda"),
+            _model("eager", 50.0, 40.0),
             {"name": "other", "extra_info": {}, "stats": {"median": 1.0}},  # not a case: ignored
         ],
         "sa_kernels": {
-            "environment": {"device_name": "NVIDIA H100 80GB HBM3", "date": "2026-11-25",
-                            "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"},
-            "copy_bandwidth": {"gbps": 8.0, "method": "synthetic"},
-            "skipped": {"cuda": "the cuda backend could not be imported"},
+            "environment": ENV,
+            "copy_bandwidth": {"gbps": 4000.0, "method": "synthetic"},
+            "skipped": {"triton": ["Triton is not installed"], "cpu": "an old-style reason"},
+            "options": {"shapes": "full", "models": "full", "compile": "auto", "threads": 16,
+                        "threads_option": None},
+            "complete": True, "elapsed_s": 280.0,
         },
     }
 
 
-def test_report_rows_recompute_speedups_from_the_medians():
+def test_report_rows_recompute_every_comparison_on_both_clocks():
     rows = report.rows_from_json(_synthetic_run())
-    assert [(r.mode, r.provider) for r in rows] == [
-        ("forward", "eager"), ("forward", "compile"), ("forward", "torch"),
-        ("forward+backward", "compile"), ("forward+backward", "torch")]
-    by = {(r.mode, r.provider): r for r in rows}
-    assert by["forward", "torch"].speedup_vs_eager == pytest.approx(4.0)
-    assert by["forward", "torch"].speedup_vs_compile == pytest.approx(2.0)
-    assert by["forward", "compile"].speedup_vs_eager == pytest.approx(2.0)
-    assert by["forward", "eager"].speedup_vs_eager == pytest.approx(1.0)
-    assert by["forward+backward", "torch"].speedup_vs_eager is None  # no eager in that case
-    assert by["forward+backward", "torch"].speedup_vs_compile == pytest.approx(2.0)
-    assert by["forward", "torch"].gbps == pytest.approx(4.0)  # 2e6 bytes in 0.5 ms
-    assert by["forward", "torch"].pct_of_copy == pytest.approx(50.0)
+    kernel = [(r.info["mode"], r.info["provider"]) for r in rows if not r.is_model]
+    assert kernel == [("forward", p) for p in ("copy", "groupnorm", "eager", "compile", "cuda")] + \
+        [("forward+backward", "compile"), ("forward+backward", "cuda")]
+    assert [r.info["provider"] for r in rows if r.is_model] == ["no-sa", "eager", "cuda"]
+    by = {(r.info["mode"], r.info["provider"]): r for r in rows}
+    fwd = by["forward", "cuda"]
+    assert fwd.speedup_vs_eager_wall == pytest.approx(3.0)
+    assert fwd.speedup_vs_eager_device == pytest.approx(5.0)
+    assert fwd.speedup_vs_compile_wall == pytest.approx(2.0)
+    assert fwd.speedup_vs_compile_device == pytest.approx(2.0)
+    assert fwd.x_copy_wall == pytest.approx(10.0) and fwd.x_copy_device == pytest.approx(2.0)
+    assert fwd.x_groupnorm_wall == pytest.approx(2.0) and fwd.x_groupnorm_device == pytest.approx(1.6)
+    # % of copy: forward moves what a copy moves, so it is copy time over this time
+    assert fwd.pct_copy_wall == pytest.approx(10.0) and fwd.pct_copy_device == pytest.approx(50.0)
+    step = by["forward+backward", "cuda"]
+    # forward+backward moves 5x the input, the copy 2x: (5/36 us) / (2/4 us)
+    assert step.pct_copy_device == pytest.approx(100 * (5 / 36) / (2 / 4))
+    assert step.x_copy_wall == pytest.approx(90.0)  # the forward's copy serves both modes
+    assert step.speedup_vs_eager_wall is None  # no eager in that case
+    assert step.x_groupnorm_wall is None
+    assert step.speedup_vs_compile_wall == pytest.approx(950 / 900)
+    assert by["forward", "copy"].pct_copy_wall == pytest.approx(100.0)
+    assert fwd.gbps_wall == pytest.approx(2 * MB / 100e-6 / 1e9)
 
 
-def test_report_table_formats_every_column():
+def test_report_falls_back_on_the_large_copy_when_the_case_has_none():
+    data = _synthetic_run()
+    data["benchmarks"] = [b for b in data["benchmarks"]
+                          if b["extra_info"].get("provider") != "copy"]
+    fwd = next(r for r in report.rows_from_json(data)
+               if r.info.get("provider") == "cuda" and r.info["mode"] == "forward")
+    assert fwd.copy_reference == "large copy_"
+    assert fwd.pct_copy_device == pytest.approx(100 * 2 * MB / 8e-6 / 1e9 / 8000.0)
+    assert fwd.x_copy_wall is None
+
+
+def test_model_rows_carry_sa_cost_over_the_no_sa_network():
+    rows = [r for r in report.rows_from_json(_synthetic_run()) if r.is_model]
+    by = {r.info["provider"]: r for r in rows}
+    assert by["cuda"].sa_cost_us_wall == pytest.approx(5000.0)
+    assert by["cuda"].sa_cost_pct_wall == pytest.approx(25.0)
+    assert by["cuda"].sa_cost_us_device == pytest.approx(3000.0)
+    assert by["eager"].sa_cost_pct_device == pytest.approx(100 * 22 / 18)
+    assert by["cuda"].speedup_vs_eager_wall == pytest.approx(2.0)
+    assert by["cuda"].images_per_s == pytest.approx(64 / 25e-3)
+    assert by["no-sa"].sa_cost_us_wall == pytest.approx(0.0)
+
+
+def test_kernel_table_shows_both_clocks_and_names_each_case_once():
     rows = report.rows_from_json(_synthetic_run())
-    table = report.format_table(rows)
-    lines = table.splitlines()
-    assert lines[0] == "| " + " | ".join(report.TABLE_HEADER) + " |"
-    assert len(lines) == 2 + len(rows)
-    assert all(line.count("|") == len(report.TABLE_HEADER) + 1 for line in lines)
-    torch_fwd = next(line for line in lines if "| torch |" in line and "500 us" in line)
-    for cell in ("500 us", "4.0", "50.0%", "4.00x", "2.00x"):
-        assert f"| {cell} |" in torch_fwd
-    torch_bwd = lines[-1]
-    for cell in ("2.50 ms", "| - |", "3.0 MiB", "1.0 MiB (1.05x in)"):
-        assert cell in torch_bwd
-    assert lines[2].startswith("| seed 64x256x8x8 G8 | float32 | forward | eager |")
-    assert lines[3].startswith("|  |  |  | compile |")  # the case is named once
+    lines = report.format_kernel_table(rows).splitlines()
+    header = report.kernel_header(True)
+    assert lines[0] == "| " + " | ".join(header) + " |"
+    assert "% copy (wall / device)" in header and "x GroupNorm (wall / device)" in header
+    assert len(lines) == 2 + 7
+    assert all(line.count("|") == len(header) + 1 for line in lines)
+    cuda = next(line for line in lines if "| cuda |" in line and "| 100 us |" in line)
+    for cell in ("| 8.00 us |", "| 10.0% / 50.0% |", "| 3.00x / 5.00x |", "| 2.00x / 2.00x |",
+                 "| 10.00x / 2.00x |", "| 2.00x / 1.60x |", "| 3.0 MiB |"):
+        assert cell in cuda, cell
+    assert lines[2].startswith("| seed 64x256x8x8 G8 | float32 | nchw | forward | copy |")
+    assert lines[3].startswith("|  |  |  |  | groupnorm |")
+    assert "1.0 MiB (1.05x in)" in lines[-1]
+    # A CPU run has no device time: single-clock cells and headers
+    cpu_rows = [report.Row(dict(r.info, device_us=None), r.wall_s) for r in rows if not r.is_model]
+    report.add_comparisons(cpu_rows)
+    cpu_lines = report.format_kernel_table(cpu_rows).splitlines()
+    assert "% copy (wall)" in cpu_lines[0] and " / " not in "".join(cpu_lines[2:])
 
 
-def test_report_text_names_device_bandwidth_and_skips():
+def test_model_table():
+    lines = report.format_model_table(report.rows_from_json(_synthetic_run())).splitlines()
+    assert lines[0] == "| " + " | ".join(report.model_header(True)) + " |"
+    assert lines[2].startswith("| train, batch 64, 224x224 | channels_last | bf16-autocast | no-sa |")
+    cuda = lines[-1]
+    for cell in ("| cuda |", "| 25.0 ms |", "| 21.0 ms |", "| 2560 |", "| 3072.0 MiB |",
+                 "| +5.00 ms (+25%) |", "| +3.00 ms (+17%) |", "| 2.00x / 1.90x |"):
+        assert cell in cuda, cell
+
+
+def test_targets_are_checked_on_the_rows_they_name():
+    data = _synthetic_run()
+    results = {(t.name, p): (met, n, worst) for t, p, met, n, worst, _ in
+               report.evaluate_targets(report.rows_from_json(data))}
+    assert results[("GPU host cost: forward <= 1.5x nn.GroupNorm (wall)", "cuda")] == (0, 1, 2.0)
+    assert not [name for name, _ in results if not name.startswith("GPU")]  # no CPU rows here
+    cpu = dict(ENV, device="cpu", device_name="CPU x")
+    tiny = dict(case="tiny 2x16x2x2 G8", shape=(2, 16, 2, 2))
+    stage = dict(case="resnet50-s1-b8 8x256x56x56 G64", shape=(8, 256, 56, 56))
+    data["benchmarks"] = [
+        _kernel("groupnorm", "forward", 10.0, None, **tiny), _kernel("cpu", "forward", 14.0, None, **tiny),
+        _kernel("copy", "forward", 100.0, None, **stage), _kernel("eager", "forward", 900.0, None, **stage),
+        _kernel("compile", "forward", 400.0, None, **stage), _kernel("cpu", "forward", 250.0, None, **stage),
+    ]
+    for bench in data["benchmarks"]:
+        bench["extra_info"].update(cpu)
+    results = {(t.name, p): (met, n, round(worst, 3)) for t, p, met, n, worst, _ in
+               report.evaluate_targets(report.rows_from_json(data))}
+    assert results == {
+        ("host cost: forward <= 1.5x nn.GroupNorm", "cpu"): (1, 1, 1.4),
+        ("forward >= 3x eager", "cpu"): (1, 1, 3.6),
+        ("forward >= 1.5x compile", "cpu"): (1, 1, 1.6),
+        ("forward <= 2x copy_ (planes >= 28x28)", "cpu"): (0, 1, 2.5),
+    }
+    table = report.format_targets(report.rows_from_json(data))
+    assert "| forward <= 2x copy_ (planes >= 28x28) | cpu | 0 / 1 | 2.50x |" in table
+
+
+def test_report_text_names_device_versions_threads_skips_and_sections():
     data = _synthetic_run()
     text = report.format_report(data)
-    assert "NVIDIA H100 80GB HBM3" in text and "8.0 GB/s" in text and "torch 2.11.0" in text
-    assert "- cuda: the cuda backend could not be imported" in text
+    for expected in ("NVIDIA H100 80GB HBM3", "4000.0 GB/s", "torch 2.11.0", "CPU threads: 16",
+                     "## Kernels", "## End to end: SA-ResNet-50", "## Targets",
+                     "- triton: Triton is not installed", "- cpu: an old-style reason",
+                     "run time: 280 s"):
+        assert expected in text, expected
     assert report.output_stem(report.run_info(data)) == "nvidia-h100-80gb-hbm3-2026-11-25"
+    data["sa_kernels"]["complete"] = False
+    assert "**incomplete run**" in report.format_report(data)
     data["benchmarks"] = []
     assert "No benchmark results" in report.format_report(data)
+    data["sa_kernels"]["environment"] = dict(ENV, device="cpu", device_name="CPU Xeon", cpu_threads=1)
+    assert report.output_stem(report.run_info(data)) == "cpu-xeon-2026-11-25-t1"
+
+
+def test_merging_a_kernel_run_and_a_model_run():
+    data = _synthetic_run()
+    kernels = dict(data, benchmarks=[b for b in data["benchmarks"]
+                                     if b["extra_info"].get("kind") == "kernel"])
+    models_run = json.loads(json.dumps(dict(data, benchmarks=[
+        b for b in data["benchmarks"] if b["extra_info"].get("kind") == "model"])))
+    models_run["sa_kernels"].update(complete=False, skipped={"triton": ["another reason"]},
+                                    elapsed_s=20.0)
+    merged = report.merge([kernels, models_run])
+    assert len(merged["benchmarks"]) == 10
+    assert merged["sa_kernels"]["complete"] is False and merged["sa_kernels"]["elapsed_s"] == 300.0
+    assert merged["sa_kernels"]["skipped"]["triton"] == ["Triton is not installed", "another reason"]
+    assert merged["sa_kernels"]["environment"] == ENV
+    assert len(report.rows_from_json(merged)) == 10
 
 
 def test_time_formats_and_slugs():
@@ -422,10 +720,27 @@ def test_cli_reports_an_existing_json_into_files_named_by_device_and_date(tmp_pa
     assert cli.main(["--json", str(source), "--out", str(out), "--no-plot"]) == 0
     stem = "nvidia-h100-80gb-hbm3-2026-11-25"
     assert sorted(p.name for p in out.iterdir()) == [f"{stem}.json", f"{stem}.md"]
-    assert "| torch |" in capsys.readouterr().out
+    assert "| cuda |" in capsys.readouterr().out
     assert json.loads((out / f"{stem}.json").read_text()) == _synthetic_run()
     if pytest.importorskip("matplotlib"):
         assert cli.main(["--json", str(source), "--out", str(out)]) == 0
         assert (out / f"{stem}-2.png").is_file()  # a second report never overwrites the first
     with pytest.raises(SystemExit):
         cli.main(["--json", str(source), "--out", str(out), "--", "-k", "seed"])
+
+
+def test_cli_merges_several_runs_into_one_report(tmp_path):
+    data = _synthetic_run()
+    paths = []
+    for kind in ("kernel", "model"):
+        part = dict(data, benchmarks=[b for b in data["benchmarks"]
+                                      if b["extra_info"].get("kind") == kind])
+        paths += ["--json", str(tmp_path / f"{kind}.json")]
+        (tmp_path / f"{kind}.json").write_text(json.dumps(part))
+    out = tmp_path / "results"
+    assert cli.main(paths + ["--out", str(out), "--no-plot"]) == 0
+    stem = "nvidia-h100-80gb-hbm3-2026-11-25"
+    merged = json.loads((out / f"{stem}.json").read_text())
+    assert len(merged["benchmarks"]) == 10
+    text = (out / f"{stem}.md").read_text()
+    assert "## Kernels" in text and "## End to end: SA-ResNet-50" in text

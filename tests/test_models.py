@@ -7,7 +7,7 @@ import torch
 
 import sa_kernels
 from sa_kernels import FusedShuffleAttention, ShuffleAttention
-from sa_kernels.bench import workload
+from sa_kernels.bench import models as bench_models
 from sa_kernels.models import SABottleneck, sa_resnet50, sa_resnet101
 from helpers import assert_rel_close
 
@@ -146,8 +146,9 @@ def test_fused_model_matches_reference_train():
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
 def test_benchmark_training_step_trains(fused):
-    # The GPU benchmark's step (benchmarks/test_bench_sa_resnet.py), run small on CPU.
-    step = workload.sa_resnet50_training_step(fused, "cpu", batch=2, image=32)
+    # The end-to-end benchmark's training step (benchmarks/test_bench_models.py), run small on CPU.
+    case = bench_models.ModelCase("train", 2, 32, "channels_last", "float32")
+    step = bench_models.model_step(case, "torch" if fused else "eager", "cpu")
     conv = step.model.conv1.weight.detach().clone()
     losses = [step().item() for _ in range(2)]
     assert all(math.isfinite(loss) for loss in losses)

@@ -1,14 +1,17 @@
-"""``python -m sa_kernels.bench``: run the benchmark suite, print the table, write the plot.
+"""``python -m sa_kernels.bench``: run the benchmark suite, print the tables, write the plot.
 
     python -m sa_kernels.bench                        # run benchmarks/, report
     python -m sa_kernels.bench -- -k resnet50         # pass arguments on to pytest
     python -m sa_kernels.bench --json run.json        # report an existing run
+    python -m sa_kernels.bench --json a.json --json b.json   # one report of two runs
     python -m sa_kernels.bench --out benchmarks/results
 
-Files are named ``<device-slug>-<date>.{json,md,png}`` and go to ``--out``
-(default ``.benchmarks/sa_kernels``, which git ignores).
+Files are named ``<device-slug>-<date>.{json,md,png}`` (``-t<threads>`` added on a CPU) and
+go to ``--out`` (default ``.benchmarks/sa_kernels``, which git ignores). A suite run that
+stops part-way is still reported: its JSON is written after every case.
 """
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -38,7 +41,7 @@ def run_suite(benchmarks, json_path, pytest_args):
     env["PYTHONPATH"] = os.pathsep.join(
         [str(PACKAGE_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     command = [sys.executable, "-m", "pytest", str(benchmarks), "--benchmark-only",
-               f"--benchmark-json={json_path}", *pytest_args]
+               f"--sa-json={json_path}", *pytest_args]
     print("running:", " ".join(command), flush=True)
     return subprocess.call(command, env=env)
 
@@ -58,8 +61,9 @@ def main(argv=None):
         description="Run the sa-kernels benchmarks (pytest-benchmark) and report them: a table "
                     "of medians, effective bandwidth and speedups, and a plot.",
         epilog="Arguments after -- go to pytest, e.g. -- -k resnet50 --sa-seconds 2")
-    parser.add_argument("--json", metavar="FILE", help="report this pytest-benchmark JSON instead "
-                        "of running the suite")
+    parser.add_argument("--json", metavar="FILE", action="append",
+                        help="report this run's JSON (the suite's --sa-json or pytest-benchmark's) "
+                             "instead of running the suite; repeat to merge several runs")
     parser.add_argument("--out", metavar="DIR", type=Path, default=None,
                         help=f"where the JSON, table (.md) and plot (.png) go (default {DEFAULT_OUT})")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
@@ -81,27 +85,28 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     exit_code = 0
     if args.json:
-        source = Path(args.json)
+        sources = [Path(p) for p in args.json]
     else:
         source = out_dir / f".run-{os.getpid()}.json"  # renamed once the device and date are known
-        source.write_bytes(b"")
         try:
             exit_code = run_suite(benchmarks, source, pytest_args)
-        finally:  # interrupted, or pytest failed before writing: leave no empty file behind
-            if source.stat().st_size == 0:
-                source.unlink()
+        except KeyboardInterrupt:  # the suite's JSON holds every case it finished: report those
+            exit_code = 130
         if not source.exists():
             raise SystemExit(f"error: pytest exited with code {exit_code} and wrote no results")
+        sources = [source]
 
-    data = report.load(source)
+    data = report.merge([report.load(p) for p in sources])
     rows = report.rows_from_json(data)
     info = report.run_info(data)
     stem = unused_stem(out_dir, report.output_stem(info))
     json_path, md_path, png_path = (out_dir / f"{stem}{ext}" for ext in (".json", ".md", ".png"))
-    if args.json:
-        shutil.copyfile(source, json_path)
+    if args.json and len(sources) == 1:
+        shutil.copyfile(sources[0], json_path)
+    elif args.json:
+        json_path.write_text(json.dumps(data, indent=1) + "\n")
     else:
-        source.replace(json_path)
+        sources[0].replace(json_path)
     text = report.format_report(data, rows)
     md_path.write_text(text)
     print()
@@ -110,7 +115,7 @@ def main(argv=None):
     if rows and not args.no_plot:
         env = info["environment"]
         report.write_plot(rows, png_path, f"Shuffle Attention: {env.get('device_name')}, "
-                                          f"{env.get('date')}")
+                                          f"{env.get('date')}, torch {env.get('torch')}")
         written.append(png_path)
     print("wrote", ", ".join(str(p) for p in written))
     if not rows:

@@ -1,8 +1,21 @@
-"""What the benchmarks measure: shapes, dtypes, modes and providers, and which of them run where.
+"""What the kernel benchmarks measure: shapes, layouts, dtypes, modes and providers, and where each runs.
 
-A *case* is one (shape, dtype, mode); a *provider* is one way to compute it.
-Within a case the baselines (``eager``, ``compile``) come first, so the fused
-providers measured after them can report their speedups at once.
+A *case* is one (shape, dtype, layout, mode); a *provider* is one way to compute it
+(or, for ``copy`` and ``groupnorm``, a yardstick of the same size). Within a case
+the yardsticks and baselines come first, so the fused providers measured after
+them can report their ratios at once.
+
+Providers:
+
+* ``copy``: ``torch.empty_like(x).copy_(x)``, a plain copy of the input into a new
+  tensor (forward cases only: it is the floor any one-pass op pays, and the ratio
+  every mode is read against);
+* ``groupnorm``: ``nn.GroupNorm(G, C)`` (affine) on an input of the same size, with
+  the case's G as its group count; a familiar one-pass normalisation layer, for
+  the host-cost comparison (issue 10: the tiny case is exactly ``nn.GroupNorm(8, 16)``
+  on a (2, 16, 2, 2) input). Only on the shapes flagged ``groupnorm``;
+* ``eager``: the reference module; ``compile``: ``torch.compile`` of it;
+* ``cuda``, ``triton``, ``cpu``, ``torch``: ``FusedShuffleAttention(backend=...)``.
 """
 import os
 from dataclasses import dataclass
@@ -13,10 +26,20 @@ from .. import backends
 
 MODES = ("forward", "forward+backward")
 DTYPES = (torch.float32, torch.bfloat16)
+LAYOUTS = ("nchw", "channels_last")
+YARDSTICKS = ("copy", "groupnorm")
 BASELINES = ("eager", "compile")
-FUSED_PROVIDERS = backends.BACKENDS  # ("cuda", "triton", "torch"), FusedShuffleAttention(backend=...)
-PROVIDERS = BASELINES + FUSED_PROVIDERS
-SHAPE_SETS = ("auto", "quick", "full")
+# FusedShuffleAttention(backend=...). Fixed here rather than read from the registry, so a
+# backend this build lacks (``cpu`` before the native op lands) is reported as skipped, with why.
+FUSED_PROVIDERS = ("cuda", "triton", "cpu", "torch")
+PROVIDERS = YARDSTICKS + BASELINES + FUSED_PROVIDERS
+# What runs when --sa-providers is not given: the fused paths of the device at hand.
+DEFAULT_PROVIDERS = {
+    "cuda": YARDSTICKS + BASELINES + ("cuda", "triton"),
+    "cpu": YARDSTICKS + BASELINES + ("cpu", "torch"),
+}
+SHAPE_SETS = ("auto", "quick", "full", "cpu")
+COMPILE_CHOICES = ("auto", "all", "none")
 
 
 @dataclass(frozen=True)
@@ -38,27 +61,72 @@ class Shape:
         return f"{self.name} {b}x{c}x{h}x{w} G{self.groups}"
 
 
-FULL_SHAPES = (
-    Shape("seed", 64, 256, 8, 8, 8),
-    # SA-ResNet-50's four stages at batch 64, G=64 (the paper's configuration).
-    Shape("resnet50-s1", 64, 256, 56, 56, 64),
-    Shape("resnet50-s2", 64, 512, 28, 28, 64),
-    Shape("resnet50-s3", 64, 1024, 14, 14, 64),
-    Shape("resnet50-s4", 64, 2048, 7, 7, 64),
-    Shape("yolo-neck", 16, 256, 80, 80, 8),
-    Shape("large-plane", 8, 64, 256, 256, 8),
-)
+SEED = Shape("seed", 64, 256, 8, 8, 8)
+# Issue 10's host-cost case: nn.GroupNorm(8, 16) on a (2, 16, 2, 2) input is its yardstick.
+TINY = Shape("tiny", 2, 16, 2, 2, 8)
+STAGES = tuple(Shape(f"resnet50-s{i + 1}", 64, c, hw, hw, 64)  # SA-ResNet-50, G=64 (the paper)
+               for i, (c, hw) in enumerate(((256, 56), (512, 28), (1024, 14), (2048, 7))))
+NECK = Shape("yolo-neck", 16, 256, 80, 80, 8)
+LARGE = Shape("large-plane", 8, 64, 256, 256, 8)
 
-# Without a GPU: the seed and SA-ResNet-50's first stage at batch 2, so the CPU providers
-# finish in a minute or two on a small machine (torch.compile's first compile dominates).
-QUICK_SHAPES = (
-    FULL_SHAPES[0],
-    Shape("resnet50-s1-b2", 2, 256, 56, 56, 64),
-)
+
+def at_batch(shape, batch):
+    return Shape(f"{shape.name}-b{batch}", batch, shape.channels, shape.height, shape.width,
+                 shape.groups)
+
+
+@dataclass(frozen=True)
+class CaseGroup:
+    """A shape with the dtypes and layouts it runs in; ``groupnorm`` adds that yardstick."""
+    shape: Shape
+    layouts: tuple = ("nchw",)
+    dtypes: tuple = DTYPES
+    groupnorm: bool = False
+
+
+BOTH = LAYOUTS
+CL = ("channels_last",)
+F32 = (torch.float32,)
+
+SHAPE_GROUPS = {
+    # On a GPU: the seed, SA-ResNet-50's four stages at batch 64, a YOLO neck and a large plane
+    # in NCHW; channels_last next to NCHW for stage 1, the neck and the large plane; and
+    # channels_last with few planes, where the kernels have measured worst (stage 1 at batch 1
+    # and 8, the large plane at batch 1).
+    "full": (
+        CaseGroup(SEED, groupnorm=True),
+        CaseGroup(STAGES[0], BOTH), CaseGroup(STAGES[1]), CaseGroup(STAGES[2]),
+        CaseGroup(STAGES[3]),
+        CaseGroup(NECK, BOTH), CaseGroup(LARGE, BOTH),
+        CaseGroup(at_batch(STAGES[0], 1), CL), CaseGroup(at_batch(STAGES[0], 8), CL),
+        CaseGroup(at_batch(LARGE, 1), CL),
+    ),
+    # A minute on a GPU, a smoke test on a CPU: the host-cost case, the seed, and stage 1 at
+    # batch 2 in both layouts.
+    "quick": (
+        CaseGroup(TINY, dtypes=F32, groupnorm=True),
+        CaseGroup(SEED, groupnorm=True),
+        CaseGroup(at_batch(STAGES[0], 2), BOTH, F32),
+    ),
+    # Issue 10's CPU targets: the host-cost case, the CPU benchmark shapes (seed, stage 1 at
+    # batch 2) and SA-ResNet-50's four stages at batch 8, both dtypes and both layouts.
+    "cpu": (
+        CaseGroup(TINY, dtypes=F32, groupnorm=True),
+        CaseGroup(SEED, BOTH, groupnorm=True),
+        CaseGroup(at_batch(STAGES[0], 2), BOTH),
+    ) + tuple(CaseGroup(at_batch(stage, 8), BOTH) for stage in STAGES),
+}
 
 
 def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
+
+
+def dtype_from_name(name):
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"not a torch dtype: {name!r}")
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -66,42 +134,92 @@ class Case:
     shape: Shape
     dtype: torch.dtype
     mode: str
+    layout: str = "nchw"
+    groupnorm: bool = False
 
     @property
     def id(self):
-        return f"{self.shape.name}-{dtype_name(self.dtype)}-{self.mode}"
+        return f"{self.shape.name}-{dtype_name(self.dtype)}-{self.layout}-{self.mode}"
+
+    @property
+    def family(self):
+        """The case without its mode: forward and forward+backward share inputs and yardsticks."""
+        return (self.shape, self.dtype, self.layout)
+
+    @property
+    def memory_format(self):
+        return torch.channels_last if self.layout == "channels_last" else torch.contiguous_format
 
     @property
     def input_bytes(self):
         b, c, h, w = self.shape.dims
         return b * c * h * w * torch.empty((), dtype=self.dtype).element_size()
 
+    def to_dict(self):
+        """A JSON-able description, read back by ``case_from_dict`` (prewarm workers)."""
+        s = self.shape
+        return {"shape": [s.name, s.batch, s.channels, s.height, s.width, s.groups],
+                "dtype": dtype_name(self.dtype), "mode": self.mode, "layout": self.layout,
+                "groupnorm": self.groupnorm}
 
-def shapes_for(device_type, shape_set="auto"):
-    """``auto``: every shape on a GPU, the quick set elsewhere."""
+
+def case_from_dict(data):
+    return Case(Shape(*data["shape"]), dtype_from_name(data["dtype"]), data["mode"],
+                data["layout"], data.get("groupnorm", False))
+
+
+def resolve_shape_set(device_type, shape_set="auto"):
     if shape_set not in SHAPE_SETS:
         raise ValueError(f"shape set must be one of {SHAPE_SETS}, got {shape_set!r}")
     if shape_set == "auto":
-        shape_set = "full" if device_type == "cuda" else "quick"
-    return FULL_SHAPES if shape_set == "full" else QUICK_SHAPES
+        return "full" if device_type == "cuda" else "quick"
+    return shape_set
 
 
 def select_cases(device_type, shape_set="auto"):
-    return [Case(shape, dtype, mode)
-            for shape in shapes_for(device_type, shape_set)
-            for dtype in DTYPES
-            for mode in MODES]
+    """``auto``: the full set on a GPU, the quick set elsewhere. Shape-major, forward first."""
+    groups = SHAPE_GROUPS[resolve_shape_set(device_type, shape_set)]
+    return [Case(g.shape, dtype, mode, layout, g.groupnorm)
+            for g in groups for layout in g.layouts for dtype in g.dtypes for mode in MODES]
 
 
-def parametrization(cases):
-    """(case, provider) pairs in run order: each case's baselines before its fused providers."""
-    return [(case, provider) for case in cases for provider in PROVIDERS]
+def parse_providers(text, device_type):
+    """``--sa-providers``: ``auto`` (the device's default list) or a comma-separated list."""
+    if text in (None, "", "auto"):
+        return DEFAULT_PROVIDERS["cuda" if device_type == "cuda" else "cpu"]
+    chosen = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in PROVIDERS]
+    if unknown or not chosen:
+        raise ValueError(f"providers must be among {PROVIDERS}, got {text!r}")
+    return tuple(p for p in PROVIDERS if p in chosen)  # run order, whatever the order given
+
+
+def providers_for(case, providers, compile_choice="auto"):
+    """The providers that measure ``case``, in run order (yardsticks, baselines, fused)."""
+    if compile_choice not in COMPILE_CHOICES:
+        raise ValueError(f"--sa-compile must be one of {COMPILE_CHOICES}, got {compile_choice!r}")
+    chosen = []
+    for provider in providers:
+        if provider == "copy" and case.mode != "forward":
+            continue  # one copy per (shape, dtype, layout): forward+backward reads the forward one
+        if provider == "groupnorm" and not case.groupnorm:
+            continue
+        if provider == "compile" and compile_choice == "none":
+            continue
+        chosen.append(provider)
+    return chosen
+
+
+def parametrization(cases, providers=PROVIDERS, compile_choice="auto"):
+    """(case, provider) pairs in run order: each case's yardsticks and baselines first."""
+    return [(case, provider) for case in cases
+            for provider in providers_for(case, providers, compile_choice)]
 
 
 def provider_skip_reason(provider, device):
     """Why ``provider`` is not benchmarked on ``device`` (``None`` when it is)."""
     device = torch.device(device)
-    if provider == "eager":
+    if provider in ("eager", "copy", "groupnorm"):
         return None
     if provider == "compile":
         if not torch._dynamo.is_dynamo_supported():
@@ -109,6 +227,9 @@ def provider_skip_reason(provider, device):
         return None
     if provider not in FUSED_PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    if provider not in backends.BACKENDS:
+        return (f"this build of sa_kernels has no {provider!r} backend "
+                f"(sa_kernels.backends.BACKENDS = {backends.BACKENDS})")
     reason = backends.unavailable_reason(provider, device)
     if reason is not None:
         return reason

@@ -1,11 +1,21 @@
-"""Timing for the benchmarks: a CUDA-event clock for pytest-benchmark, input rotation past the
-cache, round planning, and the device's copy bandwidth that effective bandwidths are read against.
+"""Timing for the benchmarks: the two times of a call, input rotation past the cache, round
+planning, and the device's copy bandwidth.
 
-On a GPU, pytest-benchmark's rounds are timed with CUDA events recorded on the current stream
-around the round (``CudaEventClock``); a round runs ``iterations`` steps back to back, so
-the host launches ahead of the device as in a training loop, and pytest-benchmark divides by
-``iterations``. Warm-up (compilation, module loading, autotuning) runs before any round.
-On a CPU, pytest-benchmark's own ``time.perf_counter`` timer is exact: the work is synchronous.
+Each call gets two times:
+
+* **wall time** (``wall_us``): pytest-benchmark's rounds. On a GPU they are timed with CUDA
+  events recorded on the current stream around the round (``CudaEventClock``); a round runs
+  ``iterations`` calls back to back, so the host launches ahead of the device as in a training
+  loop, and the time per call is the larger of the host's and the device's cost. On a CPU,
+  pytest-benchmark's own ``time.perf_counter`` is exact: the work is synchronous.
+* **device time** (``device_us``, GPU only): the sum of the durations of the kernels, memsets
+  and copies a call ran, read with ``torch.profiler`` (CUDA activity) over a few calls. It
+  leaves out launch gaps and host work: it is what the kernels cost. ``launches`` is the
+  number of those device activities per call. On a CPU the host is the device: there is no
+  separate device time (``None``), and ``launches`` counts the operator calls (the profiler's
+  ``cpu_op`` events, nested ones included) per call, a measure of dispatch overhead.
+
+Warm-up (compilation, module loading, autotuning) runs before either measurement.
 """
 import glob
 import math
@@ -19,7 +29,14 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 # Per-case measured time, in seconds, when the caller does not choose one.
-DEFAULT_BUDGET_S = {"cuda": 1.0, "cpu": 0.5}
+DEFAULT_BUDGET_S = {"cuda": 0.2, "cpu": 0.5}
+# Calls under the profiler for the device time: the device time of a call barely varies, so a
+# few calls give it; the profiler's start and parse cost more than the calls themselves.
+PROFILED_CALLS = 5
+# The profiler's activity types that are work on a GPU (kineto's names). Everything else it
+# records on the device timeline (gpu_user_annotation ranges, which span kernels already
+# counted) or on the host (cuda_runtime, overhead, cpu_op) is left out.
+DEVICE_WORK = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
 
 
 class _EventStamp:
@@ -136,8 +153,13 @@ def time_calls(step, device, calls):
     return (time.perf_counter() - start) / calls
 
 
-def run_benchmark(benchmark, step, device, budget_s=None, warmup_calls=None):
-    """Warm ``step`` up, then time it with ``benchmark.pedantic``. Returns the median in seconds.
+def run_benchmark(benchmark, step, device, budget_s=None, warmup_calls=None, min_round_s=None,
+                  min_rounds=None, estimate_calls=None):
+    """Warm ``step`` up, then time it with ``benchmark.pedantic``: the wall time per call (median, s).
+
+    On a GPU a round runs enough calls back to back to last ``min_round_s`` (default 1 ms), at
+    least ``min_rounds`` rounds (default 10 on a GPU, 5 on a CPU); ``estimate_calls`` calls
+    (default 5 on a GPU, 1 on a CPU) size the rounds.
 
     With ``--benchmark-disable`` the step runs once (a smoke test) and ``None`` comes back.
     """
@@ -150,13 +172,18 @@ def run_benchmark(benchmark, step, device, budget_s=None, warmup_calls=None):
     if budget_s is None:
         budget_s = DEFAULT_BUDGET_S["cuda" if on_gpu else "cpu"]
     # The first calls compile, load modules and autotune; the estimate's calls come after them.
+    start = time.perf_counter()
     for _ in range(warmup_calls if warmup_calls is not None else (3 if on_gpu else 1)):
         step()
-    estimate = time_calls(step, device, 5 if on_gpu else 1)
+    synchronize(device)
+    benchmark.extra_info["warmup_s"] = time.perf_counter() - start
+    estimate = time_calls(step, device, estimate_calls or (5 if on_gpu else 1))
     if on_gpu:
-        rounds, iterations = plan_rounds(estimate, budget_s, min_round_s=1e-3, min_rounds=10)
+        rounds, iterations = plan_rounds(estimate, budget_s, min_round_s=min_round_s or 1e-3,
+                                         min_rounds=min_rounds or 10)
     else:
-        rounds, iterations = plan_rounds(estimate, budget_s, min_rounds=5)
+        rounds, iterations = plan_rounds(estimate, budget_s, min_round_s=min_round_s or 0.0,
+                                         min_rounds=min_rounds or 5)
     timer = use_device_clock(benchmark, device)
     benchmark.extra_info.update(timer=timer, rounds_planned=rounds, iterations=iterations)
     benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=1)
@@ -205,3 +232,96 @@ def measure_copy_bandwidth(device, nbytes=None, repeats=None):
         "method": f"median of {repeats} copy_ of {moved // 2 // MiB} MiB, read + write bytes, "
                   + ("CUDA events" if on_gpu else "perf_counter"),
     }
+
+
+def _activity_type(event):
+    """kineto's activity type of a profiler event (``None`` on torch versions that lack it)."""
+    kind = getattr(event, "activity_type", None)
+    return None if kind is None else str(kind)
+
+
+def device_activities(events, device_type="cuda"):
+    """The profiler events that are work on ``device_type``.
+
+    CUDA: kernels, memcpys and memsets. Read by kineto's activity type where the event has
+    one; otherwise (older torch) every event on the CUDA device that is not a user annotation
+    (``record_function`` ranges, which kineto mirrors on the GPU timeline over kernels that
+    are already counted). CPU: the operator calls (``cpu_op``; every CPU event but user
+    annotations and Python frames where the type is unknown).
+    """
+    want = torch.device(device_type).type
+    typed, untyped = [], []
+    for event in events:
+        kind = _activity_type(event)
+        on_device = str(getattr(event, "device_type", "")).split(".")[-1].lower() == want
+        if on_device and not getattr(event, "is_user_annotation", False) \
+                and not getattr(event, "is_python_function", False):
+            untyped.append(event)
+        if kind in (DEVICE_WORK if want == "cuda" else ("cpu_op",)):
+            typed.append(event)
+    # Activity types where this torch has them; were none recognised (types this reader does
+    # not know), the device's events are the better answer than none.
+    return typed or untyped
+
+
+def summarize_activities(events, device_type, calls):
+    """``{"device_us", "launches"}`` per call from a profile of ``calls`` calls.
+
+    ``device_us`` is the summed duration of the device work (``None`` on a CPU, where the
+    host is the device and the wall time is the only time); ``launches`` the number of device
+    activities (GPU) or operator calls (CPU) per call.
+    """
+    if calls <= 0:
+        raise ValueError(f"calls must be positive, got {calls}")
+    work = device_activities(events, device_type)
+    device_us = None
+    if torch.device(device_type).type == "cuda":
+        device_us = sum(e.time_range.elapsed_us() for e in work) / calls
+    return {"device_us": device_us, "launches": len(work) / calls}
+
+
+def profile_calls(step, device, calls=PROFILED_CALLS):
+    """Run ``step`` ``calls`` times under ``torch.profiler``; returns its events.
+
+    CPU activity always, CUDA activity on a GPU. The device is synchronised before (so no
+    earlier work is caught) and inside the profile after the calls (so all of theirs is).
+    """
+    device = torch.device(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            step()
+        synchronize(device)
+    return prof.events()
+
+
+def measure_device_time(step, device, calls=PROFILED_CALLS):
+    """``{"device_us", "launches", "profiled_calls", "profile_s"}`` for ``step`` (see the module doc).
+
+    A profiler that cannot run here gives ``device_us = launches = None`` and the error, so a
+    case still keeps its wall time.
+    """
+    start = time.perf_counter()
+    try:
+        events = profile_calls(step, device, calls)
+        result = summarize_activities(events, torch.device(device).type, calls)
+    except RuntimeError as e:
+        result = {"device_us": None, "launches": None, "profile_error": str(e).splitlines()[0]}
+    result.update(profiled_calls=calls, profile_s=time.perf_counter() - start)
+    return result
+
+
+def launch_cost_us(device, calls=200):
+    """Wall time per call of a tiny op issued back to back: the host's cost of one launch.
+
+    Measured at the start and the end of a run: if it grows (a profiler left attached, say),
+    the wall times of the run's host-bound cases grew with it.
+    """
+    device = torch.device(device)
+    x = torch.zeros(16, device=device)
+    for _ in range(10):
+        x.add_(1)
+    return time_calls(lambda: x.add_(1), device, calls) * 1e6

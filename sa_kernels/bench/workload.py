@@ -1,11 +1,21 @@
 """The timed work: one module per provider, rotated random inputs, and the step each round runs."""
+import os
 import zlib
 
 import torch
+from torch import nn
 
 from ..module import FusedShuffleAttention
 from ..reference import ShuffleAttention
 from .cases import PROVIDERS
+
+# torch.compile's backend for the ``compile`` providers. Inductor is what is benchmarked; the
+# unit tests set "eager" (Dynamo alone) to check the wiring without minutes of code generation.
+COMPILE_BACKEND_ENV = "SA_KERNELS_BENCH_COMPILE_BACKEND"
+
+
+def compile_backend():
+    return os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
 
 
 def case_seed(case_id):
@@ -23,18 +33,44 @@ def reference_module(shape, dtype, device, seed):
     return module.to(device=device, dtype=dtype)
 
 
+class CopyInput(nn.Module):
+    """The ``copy`` yardstick: a plain ``copy_`` of x into a new tensor of its layout.
+
+    A new tensor per call, as every provider allocates its output: the difference to a
+    fused forward is then the fused op's own work.
+    """
+
+    def forward(self, x):
+        return torch.empty_like(x).copy_(x)
+
+
+def group_norm_module(shape, dtype, device, seed):
+    """The ``groupnorm`` yardstick: ``nn.GroupNorm(G, C)`` with random affine parameters."""
+    generator = torch.Generator().manual_seed(seed)
+    module = nn.GroupNorm(shape.groups, shape.channels)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.8 + 0.2)
+    return module.to(device=device, dtype=dtype)
+
+
 def build_module(provider, shape, dtype, device, seed):
-    """The module ``provider`` runs: the reference, torch.compile of it, or FusedShuffleAttention."""
+    """The module ``provider`` runs: a yardstick, the reference, torch.compile of it, or the fused one."""
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    if provider == "copy":
+        return CopyInput()
+    if provider == "groupnorm":
+        return group_norm_module(shape, dtype, device, seed)
     reference = reference_module(shape, dtype, device, seed)
     if provider == "eager":
         return reference
     if provider == "compile":
-        # A fresh Dynamo cache per case: every case compiles its own graph (not counted, it
-        # happens in warm-up) instead of running into the recompile limit and falling back to eager.
+        # A fresh Dynamo cache per case: every case compiles its own graph (in warm-up, or
+        # read from Inductor's on-disk cache that a prewarm filled) instead of running into
+        # the recompile limit and falling back to eager.
         torch._dynamo.reset()
-        return torch.compile(reference, dynamic=False)
+        return torch.compile(reference, dynamic=False, backend=compile_backend())
     return FusedShuffleAttention.from_module(reference, backend=provider)
 
 
@@ -75,11 +111,15 @@ def make_inputs(case, device, count, seed):
     """
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
+    fmt = case.memory_format  # channels_last cases: x and dy both, as inside a network
+
+    def copy(t):
+        return t.clone(memory_format=fmt)
     x = random_buffer(case.shape.dims, case.dtype, device, generator)
     if case.mode == "forward":
-        return InputRotation([(x.clone(),) for _ in range(count)])
+        return InputRotation([(copy(x),) for _ in range(count)])
     dy = random_buffer(case.shape.dims, case.dtype, device, generator)
-    return InputRotation([(x.clone().requires_grad_(), dy.clone()) for _ in range(count)])
+    return InputRotation([(copy(x).requires_grad_(), copy(dy)) for _ in range(count)])
 
 
 def input_set_bytes(case):
@@ -117,32 +157,3 @@ def forward_for_saved_bytes(module, rotation):
         x = rotation.next()[0]
         return module(x)
     return forward
-
-
-def sa_resnet50_training_step(fused, device, batch, image, autocast_dtype=None, seed=0):
-    """One SA-ResNet-50 training step (forward, cross-entropy, backward, SGD step) on fixed random data.
-
-    channels_last, as convolutional training runs on GPUs; ``autocast_dtype`` (e.g. bfloat16)
-    runs the step under autocast. Returns the step, which returns the loss.
-    """
-    from ..models import sa_resnet50
-
-    import torch.nn.functional as F
-
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    model = sa_resnet50(fused=fused).to(device=device, memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(batch, 3, image, image, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device=device)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    step.model = model
-    return step
