@@ -147,8 +147,14 @@ inline typename Lanes<T>::V load_count(const T* p, int64_t count) {
 }
 
 
+// A plane's first and second moments about its first value (see moments_from_shifted_sums).
+template <typename A>
+struct ShiftedSums {
+  A shift, sum1, sum2;
+};
+
 template <typename T>
-plane_math::Moments<acc_t<T>> plane_moments(const T* x, int64_t n, double eps) {
+ShiftedSums<acc_t<T>> plane_shifted_sums(const T* x, int64_t n) {
   using L = Lanes<T>;
   using V = typename L::V;
   using A = acc_t<T>;
@@ -178,7 +184,7 @@ plane_math::Moments<acc_t<T>> plane_moments(const T* x, int64_t n, double eps) {
   }
   const V t1 = (s1[0] + s1[1]) + (s1[2] + s1[3]);
   const V t2 = (s2[0] + s2[1]) + (s2[2] + s2[3]);
-  return plane_math::moments_from_shifted_sums(shift, lane_sum(t1), lane_sum(t2), n, eps);
+  return {shift, lane_sum(t1), lane_sum(t2)};
 }
 
 // Calls f(offset, count) for every vector of a plane of n elements (count < kSize at the end).
@@ -206,28 +212,22 @@ void gate_plane(const T* x, T* out, int64_t n, acc_t<T> mean, const Gate<acc_t<T
   });
 }
 
-// dx of one plane; returns (S1, S2) as plane_math.h defines them. `scratch` holds n values.
+// Backward of one plane, in two passes. The first returns S1 and S2 (as plane_math.h
+// defines them) and keeps the gate of spatial planes in `scratch` (n values); the second
+// writes dx from them.
 template <typename T>
-std::pair<acc_t<T>, acc_t<T>> backward_plane(const T* x, const T* dy, T* dx, int64_t n,
-                                             acc_t<T> mean, acc_t<T> rstd,
-                                             const Gate<acc_t<T>>& g,
-                                             const Params<acc_t<T>>& params, acc_t<T>* scratch) {
-  using L = Lanes<T>;
-  using V = typename L::V;
+std::pair<acc_t<T>, acc_t<T>> backward_plane_sums(const T* x, const T* dy, int64_t n,
+                                                  acc_t<T> mean, acc_t<T> rstd,
+                                                  const Gate<acc_t<T>>& g, acc_t<T>* scratch) {
+  using V = typename Lanes<T>::V;
   using A = acc_t<T>;
-  const V one(A(1));
-  if (!g.spatial) {
-    // A constant gate s: S1 = s (1 - s) sum(dy * x), dx = dy * s + cweight * S1 / N.
+  if (!g.spatial) {  // a constant gate s: S1 = s (1 - s) sum(dy * x)
     const A s = plane_math::sigmoid(g.beta);
     V acc(A(0));
     for_each_vector<T>(n, [&](int64_t i, int64_t k) { acc = at::vec::fmadd(load_count(dy + i, k), load_count(x + i, k), acc); });
-    const A s1 = s * (A(1) - s) * lane_sum(acc);
-    const auto k = plane_math::grad_coefficients(params, g, rstd, s1, A(0), n);
-    const V vs(s), k0(k.k0);
-    for_each_vector<T>(n, [&](int64_t i, int64_t c) { L::store(dx + i, at::vec::fmadd(load_count(dy + i, c), vs, k0), c); });
-    return {s1, A(0)};
+    return {s * (A(1) - s) * lane_sum(acc), A(0)};
   }
-  const V a(g.alpha), b(g.beta), m(mean);
+  const V one(A(1)), a(g.alpha), b(g.beta), m(mean);
   V acc1(A(0)), acc2(A(0));
   for_each_vector<T>(n, [&](int64_t i, int64_t k) {
     const V v = load_count(x + i, k), d = load_count(dy + i, k);  // zero lanes past the end add nothing
@@ -238,10 +238,23 @@ std::pair<acc_t<T>, acc_t<T>> backward_plane(const T* x, const T* dy, T* dx, int
     acc1 += dt;
     acc2 = at::vec::fmadd(dt, xc, acc2);
   });
-  const A s1 = lane_sum(acc1);
-  const A s2 = lane_sum(acc2) * rstd;
-  const auto coef = plane_math::grad_coefficients(params, g, rstd, s1, s2, n);
-  const V k0(coef.k0), k1(coef.k1);
+  return {lane_sum(acc1), lane_sum(acc2) * rstd};
+}
+
+template <typename T>
+void backward_plane_dx(const T* x, const T* dy, T* dx, int64_t n, acc_t<T> mean,
+                       const Gate<acc_t<T>>& g, const plane_math::GradCoefficients<acc_t<T>>& coef,
+                       const acc_t<T>* scratch) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  using A = acc_t<T>;
+  const V k0(coef.k0);
+  if (!g.spatial) {  // dx = dy * s + k0
+    const V vs(plane_math::sigmoid(g.beta));
+    for_each_vector<T>(n, [&](int64_t i, int64_t c) { L::store(dx + i, at::vec::fmadd(load_count(dy + i, c), vs, k0), c); });
+    return;
+  }
+  const V one(A(1)), a(g.alpha), m(mean), k1(coef.k1);
   for_each_vector<T>(n, [&](int64_t i, int64_t k) {
     const V v = load_count(x + i, k), d = load_count(dy + i, k);
     const V s = V::loadu(scratch + i, k);
@@ -249,7 +262,6 @@ std::pair<acc_t<T>, acc_t<T>> backward_plane(const T* x, const T* dy, T* dx, int
     const V dt = d * v * s * (one - s);
     L::store(dx + i, at::vec::fmadd(d, s, at::vec::fmadd(a, dt, at::vec::fmadd(k1, xc, k0))), k);
   });
-  return {s1, s2};
 }
 
 // ---- forward -----------------------------------------------------------------------
@@ -268,27 +280,64 @@ struct ForwardArgs {
   double eps;
 };
 
+// Planes are taken a block at a time: the statistics of all of them, then their gates,
+// then their outputs. Small planes (7x7, 14x14) are dominated by the per-plane scalar work
+// (reductions, division, square root, exp), which overlaps across a block's planes this
+// way; the block stays in cache from the first pass to the last.
+constexpr int64_t kBlockBytes = 64 * 1024;
+constexpr int64_t kMaxBlockPlanes = 32;
+
+inline int64_t planes_per_block(int64_t n, int64_t element_bytes) {
+  return std::min(kMaxBlockPlanes, std::max<int64_t>(1, kBlockBytes / (n * element_bytes)));
+}
+
+// Splits the planes into blocks of `per_block` and the blocks among threads: calls
+// chunk(first_plane, end_plane) once per thread's share, a whole number of blocks.
+template <typename F>
+void parallel_over_blocks(const Geometry& g, int64_t per_block, F&& chunk) {
+  const int64_t total = g.batch * g.channels;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (g.hw() * per_block));
+  at::parallel_for(0, ceil_div(total, per_block), grain, [&](int64_t begin, int64_t end) {
+    chunk(begin * per_block, std::min(end * per_block, total));
+  });
+}
+
 template <typename T>
 void forward_planes(const ForwardArgs<T>& p) {
   using A = acc_t<T>;
   const Geometry& g = p.geo;
   const int64_t n = g.hw();
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
-  at::parallel_for(0, g.batch * g.channels, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> in_row, out_row;  // for planes that are not contiguous runs
-    if (!planes_contiguous(p.xs, g)) in_row.resize(n);
-    if (!planes_contiguous(p.os, g)) out_row.resize(n);
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t b = q / g.channels, c = q % g.channels;
-      const int64_t o = plane_math::output_channel(c, g.channels);
-      const T* x = plane_for_reading(p.x + b * p.xs.b + c * p.xs.c, p.xs, g, in_row.data());
-      T* out_plane = p.out + b * p.os.b + o * p.os.c;
-      T* out = plane_for_writing(out_plane, p.os, g, out_row.data());
-      const auto mom = plane_moments(x, n, p.eps);
-      p.mean[q] = mom.mean;
-      p.rstd[q] = mom.rstd;
-      gate_plane(x, out, n, mom.mean, plane_math::plane_gate<A>(p.params, c, mom.mean, mom.rstd));
-      finish_writing(out_plane, p.os, g, out_row.data());
+  const int64_t per_block = planes_per_block(n, sizeof(T));
+  parallel_over_blocks(g, per_block, [&](int64_t begin, int64_t end) {
+    std::vector<T> in_rows, out_rows;  // for planes that are not contiguous runs
+    if (!planes_contiguous(p.xs, g)) in_rows.resize(per_block * n);
+    if (!planes_contiguous(p.os, g)) out_rows.resize(per_block * n);
+    const T* x[kMaxBlockPlanes];
+    ShiftedSums<A> sums[kMaxBlockPlanes];
+    A mean[kMaxBlockPlanes];
+    Gate<A> gate[kMaxBlockPlanes];
+    for (int64_t first = begin; first < end; first += per_block) {
+      const int64_t count = std::min(per_block, end - first);
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t b = (first + k) / g.channels, c = (first + k) % g.channels;
+        x[k] = plane_for_reading(p.x + b * p.xs.b + c * p.xs.c, p.xs, g, in_rows.data() + k * n);
+        sums[k] = plane_shifted_sums(x[k], n);
+      }
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t q = first + k;
+        const auto mom =
+            plane_math::moments_from_shifted_sums(sums[k].shift, sums[k].sum1, sums[k].sum2, n, p.eps);
+        p.mean[q] = mean[k] = mom.mean;
+        p.rstd[q] = mom.rstd;
+        gate[k] = plane_math::plane_gate<A>(p.params, q % g.channels, mom.mean, mom.rstd);
+      }
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t b = (first + k) / g.channels, c = (first + k) % g.channels;
+        T* out_plane = p.out + b * p.os.b + plane_math::output_channel(c, g.channels) * p.os.c;
+        T* out = plane_for_writing(out_plane, p.os, g, out_rows.data() + k * n);
+        gate_plane(x[k], out, n, mean[k], gate[k]);
+        finish_writing(out_plane, p.os, g, out);
+      }
     }
   });
 }
@@ -340,6 +389,25 @@ inline void store_pairs(T* out, const typename Lanes<T>::V& y0, const typename L
   if (2 * count > N) Lanes<T>::store(out + N, std::get<1>(lo_hi), 2 * count - N);
 }
 
+// The gates of a vector of channels (one lane each). A vector of channel-branch planes
+// only has constant gates, sigmoid(beta): no exp per element.
+template <typename V>
+struct VectorGate {
+  using A = typename V::value_type;
+  V mean, alpha, beta, constant;
+  bool any_spatial = true;
+
+  VectorGate() = default;
+  VectorGate(const A* mean_, const A* alpha_, const A* beta_, bool any_spatial_)
+      : mean(V::loadu(mean_)), alpha(V::loadu(alpha_)), beta(V::loadu(beta_)),
+        constant(vec_sigmoid(beta)), any_spatial(any_spatial_) {}
+
+  // s = sigmoid(alpha * (x - mean) + beta), given xc = x - mean.
+  V gate(const V& xc) const {
+    return any_spatial ? vec_sigmoid(at::vec::fmadd(alpha, xc, beta)) : constant;
+  }
+};
+
 // Per-channel values of a task, by half h (0: channels j, 1: channels C/2 + j) and vector.
 template <typename A>
 struct TaskLanes {
@@ -385,6 +453,7 @@ void forward_channels_last(const ForwardArgs<T>& p) {
         }
       }
       TaskLanes<A> mean{}, alpha{}, beta{};
+      bool spatial[2][kMaxVectorsPerHalf] = {};
       for (int h = 0; h < 2; ++h) {
         for (int64_t v = 0; v < blk.vectors; ++v) {
           A k[N], a1[N], a2[N];
@@ -400,17 +469,16 @@ void forward_channels_last(const ForwardArgs<T>& p) {
             mean.v[h][v][l] = mom.mean;
             alpha.v[h][v][l] = gate.alpha;
             beta.v[h][v][l] = gate.beta;
+            spatial[h][v] = spatial[h][v] || gate.spatial;
           }
         }
       }
 
       // Output: gate each pair and store it interleaved at channels 2j, 2j + 1.
-      V vm[2][kMaxVectorsPerHalf], va[2][kMaxVectorsPerHalf], vb[2][kMaxVectorsPerHalf];
+      VectorGate<V> gates[2][kMaxVectorsPerHalf];
       for (int h = 0; h < 2; ++h) {
         for (int64_t v = 0; v < blk.vectors; ++v) {
-          vm[h][v] = V::loadu(mean.v[h][v]);
-          va[h][v] = V::loadu(alpha.v[h][v]);
-          vb[h][v] = V::loadu(beta.v[h][v]);
+          gates[h][v] = VectorGate<V>(mean.v[h][v], alpha.v[h][v], beta.v[h][v], spatial[h][v]);
         }
       }
       for (int64_t pos = 0; pos < n; ++pos) {
@@ -420,7 +488,7 @@ void forward_channels_last(const ForwardArgs<T>& p) {
           V y[2];
           for (int h = 0; h < 2; ++h) {
             const V xv = load_count(row + first[h] + v * N, blk.counts[v]);
-            y[h] = xv * vec_sigmoid(at::vec::fmadd(va[h][v], xv - vm[h][v], vb[h][v]));
+            y[h] = xv * gates[h][v].gate(xv - gates[h][v].mean);
           }
           store_pairs<T>(orow + 2 * v * N, y[0], y[1], blk.counts[v]);
         }
@@ -463,25 +531,36 @@ void backward_planes(const BackwardArgs<T>& p) {
   using A = acc_t<T>;
   const Geometry& g = p.geo;
   const int64_t n = g.hw();
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
-  at::parallel_for(0, g.batch * g.channels, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> scratch(n);
-    std::vector<T> x_row, dy_row, dx_row;
-    if (!planes_contiguous(p.xs, g)) x_row.resize(n);
-    if (!planes_contiguous(p.gs, g)) dy_row.resize(n);
-    if (!planes_contiguous(p.ds, g)) dx_row.resize(n);
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t b = q / g.channels, c = q % g.channels;
-      const int64_t o = plane_math::output_channel(c, g.channels);
-      const T* x = plane_for_reading(p.x + b * p.xs.b + c * p.xs.c, p.xs, g, x_row.data());
-      const T* dy = plane_for_reading(p.grad_out + b * p.gs.b + o * p.gs.c, p.gs, g, dy_row.data());
-      T* dx_plane = p.dx + b * p.ds.b + c * p.ds.c;
-      T* dx = plane_for_writing(dx_plane, p.ds, g, dx_row.data());
-      const A mean = p.mean[q], rstd = p.rstd[q];
-      const auto gate = plane_math::plane_gate<A>(p.params, c, mean, rstd);
-      const auto sums = backward_plane(x, dy, dx, n, mean, rstd, gate, p.params, scratch.data());
-      plane_math::plane_partials(p.partials + 2 * q, gate.spatial, sums.first, sums.second, mean);
-      finish_writing(dx_plane, p.ds, g, dx_row.data());
+  const int64_t per_block = planes_per_block(n, sizeof(T));
+  parallel_over_blocks(g, per_block, [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(per_block * n);
+    std::vector<T> x_rows, dy_rows, dx_rows;  // for planes that are not contiguous runs
+    if (!planes_contiguous(p.xs, g)) x_rows.resize(per_block * n);
+    if (!planes_contiguous(p.gs, g)) dy_rows.resize(per_block * n);
+    if (!planes_contiguous(p.ds, g)) dx_rows.resize(per_block * n);
+    const T* x[kMaxBlockPlanes];
+    const T* dy[kMaxBlockPlanes];
+    Gate<A> gate[kMaxBlockPlanes];
+    std::pair<A, A> sums[kMaxBlockPlanes];
+    for (int64_t first = begin; first < end; first += per_block) {
+      const int64_t count = std::min(per_block, end - first);
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t q = first + k, b = q / g.channels, c = q % g.channels;
+        const int64_t o = plane_math::output_channel(c, g.channels);
+        x[k] = plane_for_reading(p.x + b * p.xs.b + c * p.xs.c, p.xs, g, x_rows.data() + k * n);
+        dy[k] = plane_for_reading(p.grad_out + b * p.gs.b + o * p.gs.c, p.gs, g, dy_rows.data() + k * n);
+        gate[k] = plane_math::plane_gate<A>(p.params, c, p.mean[q], p.rstd[q]);
+        sums[k] = backward_plane_sums(x[k], dy[k], n, p.mean[q], p.rstd[q], gate[k], scratch.data() + k * n);
+      }
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t q = first + k, b = q / g.channels, c = q % g.channels;
+        const auto coef = plane_math::grad_coefficients(p.params, gate[k], p.rstd[q], sums[k].first, sums[k].second, n);
+        plane_math::plane_partials(p.partials + 2 * q, gate[k].spatial, sums[k].first, sums[k].second, p.mean[q]);
+        T* dx_plane = p.dx + b * p.ds.b + c * p.ds.c;
+        T* dx = plane_for_writing(dx_plane, p.ds, g, dx_rows.data() + k * n);
+        backward_plane_dx(x[k], dy[k], dx, n, p.mean[q], gate[k], coef, scratch.data() + k * n);
+        finish_writing(dx_plane, p.ds, g, dx);
+      }
     }
   });
 }
@@ -508,21 +587,20 @@ void backward_channels_last(const BackwardArgs<T>& p) {
       T* dx = p.dx + b * p.ds.b;
       const int64_t first[2] = {blk.j0, half_c + blk.j0};
 
-      V vm[2][kMaxVectorsPerHalf], va[2][kMaxVectorsPerHalf], vb[2][kMaxVectorsPerHalf];
+      VectorGate<V> gates[2][kMaxVectorsPerHalf];
       for (int h = 0; h < 2; ++h) {
         for (int64_t v = 0; v < blk.vectors; ++v) {
           A m[N] = {}, a[N] = {}, bb[N] = {};
+          bool any_spatial = false;
           for (int64_t l = 0; l < blk.counts[v]; ++l) {
-            const int64_t c = first[h] + v * N + l;
-            const auto gate = plane_math::plane_gate<A>(p.params, c, p.mean[b * g.channels + c],
-                                                        p.rstd[b * g.channels + c]);
-            m[l] = p.mean[b * g.channels + c];
+            const int64_t q = b * g.channels + first[h] + v * N + l;
+            const auto gate = plane_math::plane_gate<A>(p.params, q % g.channels, p.mean[q], p.rstd[q]);
+            m[l] = p.mean[q];
             a[l] = gate.alpha;
             bb[l] = gate.beta;
+            any_spatial = any_spatial || gate.spatial;
           }
-          vm[h][v] = V::loadu(m);
-          va[h][v] = V::loadu(a);
-          vb[h][v] = V::loadu(bb);
+          gates[h][v] = VectorGate<V>(m, a, bb, any_spatial);
         }
       }
 
@@ -549,8 +627,8 @@ void backward_channels_last(const BackwardArgs<T>& p) {
           load_dy(dy + pos * g.channels, v, d);
           for (int h = 0; h < 2; ++h) {
             const V xv = load_count(row + first[h] + v * N, blk.counts[v]);
-            const V xc = xv - vm[h][v];
-            const V s = vec_sigmoid(at::vec::fmadd(va[h][v], xc, vb[h][v]));
+            const V xc = xv - gates[h][v].mean;
+            const V s = gates[h][v].gate(xc);
             const V dt = d[h] * xv * s * (one - s);
             acc1[h][v] += dt;
             acc2[h][v] = at::vec::fmadd(dt, xc, acc2[h][v]);
@@ -588,10 +666,10 @@ void backward_channels_last(const BackwardArgs<T>& p) {
           load_dy(dy + pos * g.channels, v, d);
           for (int h = 0; h < 2; ++h) {
             const V xv = load_count(row + first[h] + v * N, blk.counts[v]);
-            const V xc = xv - vm[h][v];
-            const V s = vec_sigmoid(at::vec::fmadd(va[h][v], xc, vb[h][v]));
+            const V xc = xv - gates[h][v].mean;
+            const V s = gates[h][v].gate(xc);
             const V dt = d[h] * xv * s * (one - s);
-            const V r = at::vec::fmadd(d[h], s, at::vec::fmadd(va[h][v], dt, at::vec::fmadd(vk1[h][v], xc, vk0[h][v])));
+            const V r = at::vec::fmadd(d[h], s, at::vec::fmadd(gates[h][v].alpha, dt, at::vec::fmadd(vk1[h][v], xc, vk0[h][v])));
             Lanes<T>::store(drow + first[h] + v * N, r, blk.counts[v]);
           }
         }

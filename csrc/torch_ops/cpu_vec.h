@@ -3,8 +3,8 @@
 // vector gate. Compiled once per CPU capability, like cpu_kernels.h.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 
 #include <ATen/cpu/vec/functional.h>
@@ -42,9 +42,7 @@ struct Lanes {
   // The first n < kSize elements; the other lanes are zero.
   static V load(const T* p, int64_t n) {
     if constexpr (kReduced<T>) {
-      T buf[kSize * 2] = {};  // load_to_float may read a whole vector of T
-      std::copy(p, p + n, buf);
-      return load(buf);
+      return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n)));
     } else {
       return V::loadu(p, n);
     }
@@ -65,15 +63,17 @@ inline V vec_sigmoid(const V& z) {
   return one / (one + z.neg().exp());
 }
 
-// Sum of a vector's lanes in lane order (a fixed order, so results are reproducible).
+// Sum of a vector's lanes as a pairwise tree: a fixed order (reproducible results) with a
+// short dependency chain.
 template <typename V>
 inline typename V::value_type lane_sum(const V& v) {
   using A = typename V::value_type;
   A lanes[V::size()];
   v.store(lanes);
-  A total = A(0);
-  for (int i = 0; i < V::size(); ++i) total += lanes[i];
-  return total;
+  for (int width = V::size() / 2; width > 0; width /= 2) {
+    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  }
+  return lanes[0];
 }
 
 }  // namespace CPU_CAPABILITY
