@@ -12,7 +12,8 @@ the backends it has, and says so in one line):
 
 Build with ``pip install --no-build-isolation .`` so the extension is compiled against the
 torch you run. ``SA_KERNELS_SKIP_CUDA_BUILD=1`` skips the CUDA module (the cuda backend then
-compiles it on first use); ``SA_KERNELS_SKIP_NATIVE_BUILD=1`` skips every module (pure Python).
+compiles it on first use); ``SA_KERNELS_SKIP_NATIVE_BUILD=1`` skips every module (pure Python);
+``SA_KERNELS_CPU_CAPABILITIES=avx512`` (a comma-separated list) builds only those CPU modules.
 The CUDA sources ship inside the package as ``sa_kernels/_csrc`` for that first-use build.
 """
 import os
@@ -62,6 +63,10 @@ def native_extensions():
     extensions = [CppExtension("sa_kernels._C", ops_sources, include_dirs=include_dirs,
                                extra_compile_args={"cxx": CXX_FLAGS})]
     capabilities = list(CPU_CAPABILITIES) if _is_x86_64() else ["default"]
+    chosen = os.environ.get("SA_KERNELS_CPU_CAPABILITIES", "").strip()
+    if chosen:
+        capabilities = [isa for isa in capabilities if isa in {c.strip().lower() for c in chosen.split(",")}]
+        _note(f"SA_KERNELS_CPU_CAPABILITIES={chosen}: building the CPU kernels for {capabilities or 'none'}")
     for isa in capabilities:
         macros = [f"-DCPU_CAPABILITY={isa.upper()}", f"-DCPU_CAPABILITY_{isa.upper()}"]
         extensions.append(CppExtension(

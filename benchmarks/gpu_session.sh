@@ -24,7 +24,8 @@
 #   <device>-<date>.json   the kernel and model benchmarks merged, with .md (tables) and .png
 #
 # Environment knobs (defaults in brackets): SESSION_SECONDS [510]; GPU_TESTS [tests/test_cuda.py
-# tests/test_triton.py tests/test_cuda_ext.py tests/test_module.py]; TEST_WORKERS [12];
+# tests/test_triton.py tests/test_cuda_ext.py tests/test_module.py tests/test_native.py
+# tests/test_ops.py]; TEST_WORKERS [12];
 # CPU_THREADS [1] (bench-cpu: torch.set_num_threads; "default" for torch's default);
 # SANITIZE_TESTS [tests/test_cuda.py]; SANITIZE_K [see below]; BENCH_KERNEL_ARGS and
 # BENCH_MODEL_ARGS (extra pytest arguments); TORCH_CUDA_ARCH_LIST [9.0]; MAX_JOBS [16].
@@ -47,7 +48,7 @@ SESSION_SECONDS=${SESSION_SECONDS:-510}
 SIMULATED=0
 now() { echo $((SECONDS + SIMULATED)); }
 DEADLINE=$((SECONDS + SESSION_SECONDS))
-GPU_TESTS=${GPU_TESTS:-tests/test_cuda.py tests/test_triton.py tests/test_cuda_ext.py tests/test_module.py}
+GPU_TESTS=${GPU_TESTS:-tests/test_cuda.py tests/test_triton.py tests/test_cuda_ext.py tests/test_module.py tests/test_native.py tests/test_ops.py}
 TEST_WORKERS=${TEST_WORKERS:-12}
 SANITIZE_TESTS=${SANITIZE_TESTS:-tests/test_cuda.py}
 # Every kernel path (warp, block, vectorised, two-sweep, channels_last, strided), forward and
@@ -120,7 +121,11 @@ stage_info() {
 }
 
 stage_build() {
-  run_limited "$1" "$LOGS/build.log" "$PY" -m pip install --no-build-isolation --no-deps -e .
+  # The CPU kernels only for the capability torch runs with here (each module is a compile).
+  local isa
+  isa=$("$PY" -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())" 2>/dev/null)
+  run_limited "$1" "$LOGS/build.log" env SA_KERNELS_CPU_CAPABILITIES="${isa:-default},default" \
+    "$PY" -m pip install --no-build-isolation --no-deps -e .
   local rc=$?
   [ "$DRY" = 1 ] || tail -3 "$LOGS/build.log" | tee -a "$SUMMARY"
   return $rc

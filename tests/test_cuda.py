@@ -1,7 +1,7 @@
 """The cuda backend on a GPU: every kernel path and dtype against the float64 reference
 and the Triton backend; determinism, CUDA graphs, torch.compile, opcheck, empty tensors.
 
-Skipped without a CUDA device. Where sa_kernels._C was not built, the first test builds
+Skipped without a CUDA device. Where sa_kernels._cuda was not built, the first test builds
 the extension (a few minutes, cached by torch).
 """
 from typing import Callable, NamedTuple
@@ -321,9 +321,9 @@ def test_opcheck(case_name):
     params = [torch.randn(half, device="cuda") * 0.8 + 0.2 for _ in range(6)]
     dy = random_input(x.shape, torch.float32, "cuda", case.dy_format)
     with cuda_ext.register_plane_limit(case.limit):
-        torch.library.opcheck(torch.ops.sa_kernels.cuda_forward.default, (x, *params, case.groups, EPS))
-        _, mean, rstd = torch.ops.sa_kernels.cuda_forward(x, *params, case.groups, EPS)
-        torch.library.opcheck(torch.ops.sa_kernels.cuda_backward.default,
+        torch.library.opcheck(torch.ops.sa_kernels.shuffle_attention.default, (x, *params, case.groups, EPS))
+        _, mean, rstd = torch.ops.sa_kernels.shuffle_attention(x, *params, case.groups, EPS)
+        torch.library.opcheck(torch.ops.sa_kernels.shuffle_attention_backward.default,
                               (dy, x, *params, mean, rstd, case.groups, EPS))
         # The public op on this backend, with its autograd registration.
         grad_params = [p.clone().requires_grad_() for p in params]
@@ -345,7 +345,7 @@ def test_empty_tensors(shape):
         assert grad is not None and not grad.any(), name
     params = [p.detach().reshape(-1) for p in (fused.cweight, fused.cbias, fused.sweight, fused.sbias,
                                                fused.gn.weight, fused.gn.bias)]
-    _, mean, rstd = torch.ops.sa_kernels.cuda_forward(x.detach(), *params, 2, EPS)
+    _, mean, rstd = torch.ops.sa_kernels.shuffle_attention(x.detach(), *params, 2, EPS)
     assert mean.shape == shape[:2] and not mean.any() and not rstd.any()
 
 
@@ -354,8 +354,8 @@ def test_side_stream():
     x = random_input((4, 32, 14, 14), torch.float32, "cuda")
     dy = random_input(x.shape, torch.float32, "cuda")
     params = [torch.randn(4, device="cuda") * 0.8 + 0.2 for _ in range(6)]
-    out, mean, rstd = torch.ops.sa_kernels.cuda_forward(x, *params, 4, EPS)
-    grads = torch.ops.sa_kernels.cuda_backward(dy, x, *params, mean, rstd, 4, EPS)
+    out, mean, rstd = torch.ops.sa_kernels.shuffle_attention(x, *params, 4, EPS)
+    grads = torch.ops.sa_kernels.shuffle_attention_backward(dy, x, *params, mean, rstd, 4, EPS)
 
     x_side, dy_side = torch.zeros_like(x), torch.zeros_like(dy)
     side = torch.cuda.Stream()
@@ -365,8 +365,8 @@ def test_side_stream():
         torch.cuda._sleep(50_000_000)
         x_side.copy_(x)
         dy_side.copy_(dy)
-        out_side, mean_side, rstd_side = torch.ops.sa_kernels.cuda_forward(x_side, *params, 4, EPS)
-        grads_side = torch.ops.sa_kernels.cuda_backward(dy_side, x_side, *params, mean_side, rstd_side, 4, EPS)
+        out_side, mean_side, rstd_side = torch.ops.sa_kernels.shuffle_attention(x_side, *params, 4, EPS)
+        grads_side = torch.ops.sa_kernels.shuffle_attention_backward(dy_side, x_side, *params, mean_side, rstd_side, 4, EPS)
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(out_side, out) and torch.equal(mean_side, mean)
     for a, b in zip(grads_side, grads):
@@ -391,9 +391,9 @@ def test_offsets_beyond_2_31(memory_format):
         pytest.skip("needs about 22 GB of free GPU memory")
     x = torch.randn(shape, dtype=torch.float16, device="cuda").contiguous(memory_format=memory_format)
     params = [torch.randn(1, device="cuda") * 0.8 + 0.2 for _ in range(6)]
-    out, mean, rstd = torch.ops.sa_kernels.cuda_forward(x, *params, 1, EPS)
+    out, mean, rstd = torch.ops.sa_kernels.shuffle_attention(x, *params, 1, EPS)
     dy = torch.randn_like(x)
-    dx = torch.ops.sa_kernels.cuda_backward(dy, x, *params, mean, rstd, 1, EPS)[0]
+    dx = torch.ops.sa_kernels.shuffle_attention_backward(dy, x, *params, mean, rstd, 1, EPS)[0]
     tail = slice(shape[0] - 2, shape[0])
     ref_out, ref_mean, ref_rstd = torch_math.forward(x[tail], *params, 1, EPS)
     torch.testing.assert_close(out[tail], ref_out.to(torch.float16), **TOLERANCES[torch.float16])
