@@ -59,7 +59,10 @@ class Launches:
 
 @pytest.fixture
 def launches(monkeypatch):
+    """Records every plan made; the backend's launch caches start (and end) empty, so each
+    call of the test plans afresh under the test's limits and patches."""
     record = Launches()
+    triton_kernels.clear_caches()
     plan_planes, spatial, backward = (launch_config.plan_planes, triton_kernels._spatial,
                                       triton_kernels.backward)
 
@@ -80,7 +83,8 @@ def launches(monkeypatch):
     monkeypatch.setattr(launch_config, "plan_planes", plan_spy)
     monkeypatch.setattr(triton_kernels, "_spatial", spatial_spy)
     monkeypatch.setattr(triton_kernels, "backward", backward_spy)
-    return record
+    yield record
+    triton_kernels.clear_caches()
 
 
 @pytest.fixture
@@ -447,3 +451,117 @@ def test_launch_heuristic(case):
     assert plan.grid == (B * -(-(C // 2) // plan.block_j),) and 1 <= plan.num_warps <= 16
     if not chunked:
         assert plan.block_hw >= H * W
+
+
+def test_launch_overrides_and_settings():
+    """``override`` forces plan fields and limits inside its block only, and changes the
+    settings token that launch caches are keyed on; TUNED entries apply to their case."""
+    args = (8, 128, 56 * 56, 4, False, False, 1)
+    default = launch_config.plan_planes(*args)
+    before = launch_config.settings()
+    with launch_config.override(block_j=2, num_warps=4):
+        forced = launch_config.plan_planes(*args)
+        assert (forced.block_j, forced.num_warps) == (2, 4)
+        assert forced.grid == (8 * 64,) and launch_config.settings() != before
+    with launch_config.override(limits={"on_chip_values": 1024}):
+        assert launch_config.plan_planes(*args).chunked and launch_config.LIMITS.on_chip_values == 1024
+    with launch_config.override(chunked=True, block_hw=512):
+        assert launch_config.plan_planes(*args)[:3] == (default.block_j, 512, True)
+    assert launch_config.plan_planes(*args) == default and launch_config.settings() == before
+    with pytest.raises(ValueError, match="block_j"):
+        with launch_config.override(block_j=3):
+            launch_config.plan_planes(*args)
+    with pytest.raises(ValueError, match="unknown plan fields"):
+        with launch_config.override(blockj=2):
+            pass
+    key = launch_config.tune_key(*args)
+    try:
+        launch_config.TUNED[key] = {"num_warps": 2}
+        assert launch_config.plan_planes(*args).num_warps == 2
+        assert launch_config.plan_planes(16, *args[1:]).num_warps == default.num_warps
+    finally:
+        del launch_config.TUNED[key]
+
+
+def test_limits_from_environment():
+    assert launch_config.limits_from_env("") == launch_config.Limits()
+    lim = launch_config.limits_from_env("on_chip_values=8192, values_per_warp=128")
+    assert (lim.on_chip_values, lim.values_per_warp) == (8192, 128)
+    with pytest.raises(ValueError, match="SA_KERNELS_TRITON_LIMITS"):
+        launch_config.limits_from_env("on_chip=1")
+
+
+class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: records direct launches."""
+    function = packed_metadata = "handle"
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append((grid, args))
+
+
+class _FakeJit:
+    """Stands in for a JITFunction: records JIT launches, returns what Triton would."""
+    arg_names = ["a_ptr", "b_ptr", "n", "eps", "BLOCK", "FLAG"]
+
+    def __init__(self, returns):
+        self.returns, self.calls = returns, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((grid, args, kwargs))
+            return self.returns
+        return launch
+
+
+def test_kernel_launch_skips_binding_after_first_launch():
+    """On a GPU, KernelLaunch launches the CompiledKernel that Triton's JIT returned for the
+    tensors' alignment pattern, with every argument in signature order (constexprs too);
+    a new alignment pattern goes through the JIT again. (The real CompiledKernel needs a
+    GPU: this checks the bookkeeping with stand-ins.)"""
+    from sa_kernels.triton.launcher import KernelLaunch
+    compiled = _FakeCompiled()
+    jit = _FakeJit(compiled)
+    launch = KernelLaunch(jit, (6,), 2, (7, 0.5), {"FLAG": True, "BLOCK": 64}, 4, direct=True)
+    a, b = torch.zeros(8), torch.zeros(8)
+    launch(a, b)
+    assert jit.calls == [((6,), (a, b, 7, 0.5), {"num_warps": 4, "FLAG": True, "BLOCK": 64})]
+    launch(a, b)
+    assert len(jit.calls) == 1 and compiled.calls == [((6,), (a, b, 7, 0.5, 64, True))]
+    launch(a[1:], b)  # 4-byte offset: another specialisation, so another JIT launch
+    assert len(jit.calls) == 2 and len(compiled.calls) == 1
+
+
+@pytest.mark.parametrize("why", ["interpreter", "not compiled", "keywords not the tail"])
+def test_kernel_launch_falls_back_to_jit(why):
+    from sa_kernels.triton.launcher import KernelLaunch
+    jit = _FakeJit(None if why == "not compiled" else _FakeCompiled())
+    constexprs = {"BLOCK": 64} if why == "keywords not the tail" else {"FLAG": True, "BLOCK": 64}
+    launch = KernelLaunch(jit, (6,), 2, (7, 0.5), constexprs, 4, direct=why != "interpreter")
+    a, b = torch.zeros(8), torch.zeros(8)
+    for _ in range(3):
+        launch(a, b)
+    assert len(jit.calls) == 3 and not launch.direct
+
+
+def test_launches_cached_per_key(tdevice, launches, limits):
+    """Planning runs once per (shape, strides, dtypes, device, groups, eps, settings); a call
+    with a cached key launches the same kernels with the same arguments."""
+    x, params = _op_args(tdevice)  # channels_last
+    run = lambda x, eps=1e-5: torch.ops.sa_kernels.forward(x, *params, 2, eps, "triton")  # noqa: E731
+    first = run(x)
+    again = run(x.clone(memory_format=CL))
+    assert len(launches.plans[1]) == 1
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    run(x.contiguous())               # other strides
+    run(x.double())                   # other dtype
+    run(x, eps=1e-3)                  # other eps
+    limits(on_chip_values=64)         # other limits
+    run(x)
+    assert len(launches.plans[1]) == 5
+    dy = random_input(x.shape, x.dtype, tdevice, CL)
+    for grad_out in (dy, dy, dy.contiguous()):
+        torch.ops.sa_kernels.backward(grad_out, x, *params, *first[1:], 2, 1e-5, "triton")
+    assert len(launches.plans[2]) == 2

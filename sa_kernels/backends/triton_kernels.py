@@ -30,14 +30,22 @@ channels_last and any other 4-D strides, e.g. ``x[:, :, ::2]``, or grad_out
 expanded from a scalar); nothing is copied. ``out`` and ``dx`` are
 ``torch.empty_like(x)``. The only copies are of non-contiguous 1-D parameter
 views (``half`` values each).
+
+Host cost: everything derivable from (shape, strides, dtypes, device, groups,
+eps, launch settings) - the plan, the kernels' scalar arguments and
+specialisation flags, the grid - is computed once per key and cached
+(``_forward_launches``, ``_backward_launches``). A call then does one dict
+lookup, allocates its outputs and launches each kernel through a
+``KernelLaunch`` (``triton/launcher.py``), which on a GPU skips Triton's
+per-call argument binding after the first launch.
 """
-import contextlib
 import os
 import struct
 
 import torch
 
 from ..triton import launch_config
+from ..triton.launcher import KernelLaunch
 
 _INT32_LIMIT = 2 ** 31 - 1
 _kernels = None
@@ -122,78 +130,156 @@ def _eps_halves(eps):
     return hi, eps - hi
 
 
-def _param(p):
+def _params(params):
     # Kernels index parameters with unit stride; only a strided 1-D view gets a (tiny) copy.
-    return p if p.stride(0) == 1 else p.contiguous()
+    return [p if p.stride(0) == 1 else p.contiguous() for p in params]
 
 
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+# ---------------------------------------------------------------------------------------------
+# Launches cached per key. A key holds everything the plan, the kernels' scalar arguments and
+# their specialisation depend on; the values are built by the ``_plan_*`` functions below from
+# the first call's tensors (``torch.empty_like(x)`` is a function of x's shape and strides, so
+# out's and dx's strides are too).
+
+_CACHE_LIMIT = 4096  # distinct keys kept before a cache is emptied (shapes seen by one process)
+_forward_launches = {}
+_backward_launches = {}
 
 
-def forward(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
+def clear_caches():
+    """Forget every cached launch (tests that spy on planning call this first)."""
+    _forward_launches.clear()
+    _backward_launches.clear()
+
+
+def _remember(cache, key, value):
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+class _Launches:
+    """One call's launches: kernel launches in order, with the device made current if needed."""
+
+    __slots__ = ("device_index", "launches")
+
+    def __init__(self, device, launches):
+        self.device_index = device.index if device.type == "cuda" else None
+        self.launches = launches
+
+    def run(self, *tensor_lists):
+        if self.device_index is None or torch.cuda.current_device() == self.device_index:
+            for launch, tensors in zip(self.launches, tensor_lists):
+                launch(*tensors)
+        else:
+            with torch.cuda.device(self.device_index):
+                for launch, tensors in zip(self.launches, tensor_lists):
+                    launch(*tensors)
+
+
+class _ForwardPlan:
+    __slots__ = ("acc", "stats_shape", "launches")
+
+
+class _BackwardPlan:
+    __slots__ = ("ws_shape", "launches")
+
+
+def _plan_forward(x, out, params, eps):
     B, C, H, W = x.shape
-    half = cweight.numel()
+    half = params[0].numel()
     acc = _acc_dtype(x.dtype)
-    out = torch.empty_like(x)
-    if x.numel() == 0:
-        zeros = x.new_zeros((B, C), dtype=acc)
-        return out, zeros, zeros.clone()
-    mean = torch.empty((B, C), dtype=acc, device=x.device)
-    rstd = torch.empty_like(mean)
-    params = [_param(p) for p in (cweight, cbias, sweight, sbias, gn_weight, gn_bias)]
     plan = launch_config.plan_planes(B, C // 2, H * W, x.element_size(), acc == torch.float64,
                                      _channels_fast(x), tensors=1)
     x_flat, x_sh, x_sw = _spatial(x)
     o_flat, o_sh, o_sw = _spatial(out)
     eps_hi, eps_lo = _eps_halves(float(eps))
+    direct = x.is_cuda
     kernel = _load_kernels()[0]
-    with _device_guard(x):
-        kernel[plan.grid](
-            x, out, mean, rstd, *params,
-            C // 2, H * W, W, half, eps_hi, eps_lo, plan.num_jblocks,
-            x.stride(0), x.stride(1), x_sh, x_sw,
-            out.stride(0), out.stride(1), o_sh, o_sw,
-            BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, CHUNKED=plan.chunked,
-            X_FLAT=x_flat, OUT_FLAT=o_flat, OUT_INTERLEAVED=_channels_fast(out),
-            I64=_needs_int64(x, out), num_warps=plan.num_warps)
+    launch = KernelLaunch(
+        kernel, plan.grid, 10,
+        (C // 2, H * W, W, half, eps_hi, eps_lo, plan.num_jblocks,
+         x.stride(0), x.stride(1), x_sh, x_sw, out.stride(0), out.stride(1), o_sh, o_sw),
+        dict(BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, CHUNKED=plan.chunked,
+             X_FLAT=x_flat, OUT_FLAT=o_flat, OUT_INTERLEAVED=_channels_fast(out),
+             I64=_needs_int64(x, out)),
+        plan.num_warps, direct)
+    result = _ForwardPlan()
+    result.acc = acc
+    result.stats_shape = (B, C)
+    result.launches = _Launches(x.device, (launch,))
+    return result
+
+
+def forward(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
+    params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        zeros = x.new_zeros(x.shape[:2], dtype=_acc_dtype(x.dtype))
+        return out, zeros, zeros.clone()
+    key = (x.shape, x.stride(), x.dtype, x.device, groups, eps,
+           tuple([p.dtype for p in params]), launch_config.settings())
+    plan = _forward_launches.get(key)
+    if plan is None:
+        plan = _remember(_forward_launches, key, _plan_forward(x, out, params, eps))
+    mean = torch.empty(plan.stats_shape, dtype=plan.acc, device=x.device)
+    rstd = torch.empty_like(mean)
+    plan.launches.run((x, out, mean, rstd, *_params(params)))
     return out, mean, rstd
+
+
+def _plan_backward(grad_out, x, dx, params, groups):
+    B, C, H, W = x.shape
+    half = params[0].numel()
+    acc = _acc_dtype(x.dtype)
+    plan = launch_config.plan_planes(B, C // 2, H * W, x.element_size(), acc == torch.float64,
+                                     _channels_fast(x), tensors=2)
+    reduce_plan = launch_config.plan_param_grads(B * groups, half)
+    if reduce_plan.final is not None:
+        raise NotImplementedError("two-stage parameter-gradient reduction")
+    x_flat, x_sh, x_sw = _spatial(x)
+    dy_flat, dy_sh, dy_sw = _spatial(grad_out)
+    dx_flat, dx_sh, dx_sw = _spatial(dx)
+    direct = x.is_cuda
+    _, backward_kernel, param_grads_kernel = _load_kernels()
+    planes = KernelLaunch(
+        backward_kernel, plan.grid, 12,
+        (C // 2, H * W, W, half, plan.num_jblocks, B * C,
+         x.stride(0), x.stride(1), x_sh, x_sw,
+         grad_out.stride(0), grad_out.stride(1), dy_sh, dy_sw,
+         dx.stride(0), dx.stride(1), dx_sh, dx_sw),
+        dict(BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, CHUNKED=plan.chunked,
+             X_FLAT=x_flat, DY_FLAT=dy_flat, DX_FLAT=dx_flat,
+             DY_INTERLEAVED=_channels_fast(grad_out), I64=_needs_int64(x, grad_out, dx)),
+        plan.num_warps, direct)
+    reduce = KernelLaunch(
+        param_grads_kernel, reduce_plan.grid, 11,
+        (B * groups, half, B * C, reduce_plan.rows_per_chunk, 0),
+        dict(BLOCK_R=reduce_plan.block_r, BLOCK_P=reduce_plan.block_p, FINAL=True),
+        reduce_plan.num_warps, direct)
+    result = _BackwardPlan()
+    result.ws_shape = (2, B, C)
+    result.launches = _Launches(x.device, (planes, reduce))
+    return result
 
 
 def backward(grad_out, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, mean, rstd,
              groups, eps):
-    B, C, H, W = x.shape
-    half = cweight.numel()
     params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
     dx = torch.empty_like(x)
-    grads = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params]
     if x.numel() == 0:
-        return (dx,) + tuple(g.zero_() for g in grads)
-    acc = mean.dtype
+        return (dx,) + tuple(torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params)
+    key = (x.shape, x.stride(), x.dtype, grad_out.stride(), grad_out.dtype, x.device, groups,
+           tuple([p.dtype for p in params]), launch_config.settings())
+    plan = _backward_launches.get(key)
+    if plan is None:
+        plan = _remember(_backward_launches, key, _plan_backward(grad_out, x, dx, params, groups))
+    grads = [torch.empty_like(p) for p in params]
     # Saved statistics come from the ops (contiguous (B, C)); another backend's are too.
     mean, rstd = mean.contiguous(), rstd.contiguous()
-    params = [_param(p) for p in params]
-    ws = torch.empty((2, B, C), dtype=acc, device=x.device)
-    plan = launch_config.plan_planes(B, C // 2, H * W, x.element_size(), acc == torch.float64,
-                                     _channels_fast(x), tensors=2)
-    x_flat, x_sh, x_sw = _spatial(x)
-    dy_flat, dy_sh, dy_sw = _spatial(grad_out)
-    dx_flat, dx_sh, dx_sw = _spatial(dx)
-    _, backward_kernel, param_grads_kernel = _load_kernels()
-    reduce_plan = launch_config.plan_param_grads(B * groups, half)
-    with _device_guard(x):
-        backward_kernel[plan.grid](
-            grad_out, x, dx, mean, rstd, ws, *params,
-            C // 2, H * W, W, half, plan.num_jblocks, B * C,
-            x.stride(0), x.stride(1), x_sh, x_sw,
-            grad_out.stride(0), grad_out.stride(1), dy_sh, dy_sw,
-            dx.stride(0), dx.stride(1), dx_sh, dx_sw,
-            BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, CHUNKED=plan.chunked,
-            X_FLAT=x_flat, DY_FLAT=dy_flat, DX_FLAT=dx_flat,
-            DY_INTERLEAVED=_channels_fast(grad_out), I64=_needs_int64(x, grad_out, dx),
-            num_warps=plan.num_warps)
-        param_grads_kernel[reduce_plan.grid](
-            ws, B * groups, half, B * C, params[2], params[4], params[5], *grads,
-            BLOCK_R=reduce_plan.block_r, BLOCK_P=reduce_plan.block_p,
-            num_warps=reduce_plan.num_warps)
+    params = _params(params)
+    ws = torch.empty(plan.ws_shape, dtype=mean.dtype, device=x.device)
+    plan.launches.run((grad_out, x, dx, mean, rstd, ws, *params),
+                      (ws, ws, params[2], params[4], params[5], *grads))
     return (dx,) + tuple(grads)
