@@ -312,7 +312,7 @@ def test_empty_input(tdevice):
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_bitwise_deterministic(tdevice, launches, limits, chunked):
-    limits(min_programs=1, **({"on_chip_values": 128} if chunked else {}))
+    limits(min_programs=1, reduce_rows=2, **({"on_chip_values": 128} if chunked else {}))
     ref, fused = _modules(24, 3, tdevice, torch.float32)
     x = random_input((2, 24, 6, 5), torch.float32, tdevice)
     dy = random_input(x.shape, x.dtype, tdevice)
@@ -565,3 +565,30 @@ def test_launches_cached_per_key(tdevice, launches, limits):
     for grad_out in (dy, dy, dy.contiguous()):
         torch.ops.sa_kernels.backward(grad_out, x, *params, *first[1:], 2, 1e-5, "triton")
     assert len(launches.plans[2]) == 2
+
+
+@pytest.mark.parametrize("shape,G,reduce_rows", [((3, 20, 3, 4), 5, 4), ((4, 16, 2, 3), 4, 2)],
+                         ids=str)
+def test_parameter_gradients_two_stage(tdevice, limits, shape, G, reduce_rows):
+    """Many (batch, group) rows (4096 at G = 64, batch 64) are summed by a first launch in
+    parallel chunks, then in order by a second; the rows here do not divide evenly."""
+    limits(reduce_rows=reduce_rows)
+    plan = launch_config.plan_param_grads(shape[0] * G, shape[1] // (2 * G))
+    assert plan.grid[1] > 1 and plan.final is not None and plan.final.grid[1] == 1
+    check(shape, G, torch.float32, tdevice)
+    check(shape, G, torch.float64, tdevice, CL)
+
+
+def test_parameter_gradient_plans():
+    """Stage-4 and stage-1 shapes (G = 64, batch 64): the first stage spreads the rows over
+    several programs; every row is covered exactly once."""
+    for rows, half in ((4096, 16), (4096, 2), (512, 16), (100, 1), (1, 1)):
+        plan = launch_config.plan_param_grads(rows, half)
+        chunks = plan.grid[1]
+        assert plan.rows_per_chunk % plan.block_r == 0
+        assert (chunks - 1) * plan.rows_per_chunk < rows <= chunks * plan.rows_per_chunk
+        assert (plan.final is None) == (chunks == 1)
+        if rows == 4096:
+            assert chunks >= 16
+        if plan.final is not None:
+            assert plan.final.grid == (plan.grid[0], 1) and plan.final.rows_per_chunk >= chunks

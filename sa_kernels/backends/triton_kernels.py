@@ -183,7 +183,7 @@ class _ForwardPlan:
 
 
 class _BackwardPlan:
-    __slots__ = ("ws_shape", "launches")
+    __slots__ = ("ws_numel", "launches")
 
 
 def _plan_forward(x, out, params, eps):
@@ -235,9 +235,8 @@ def _plan_backward(grad_out, x, dx, params, groups):
     acc = _acc_dtype(x.dtype)
     plan = launch_config.plan_planes(B, C // 2, H * W, x.element_size(), acc == torch.float64,
                                      _channels_fast(x), tensors=2)
-    reduce_plan = launch_config.plan_param_grads(B * groups, half)
-    if reduce_plan.final is not None:
-        raise NotImplementedError("two-stage parameter-gradient reduction")
+    rows = B * groups
+    reduce_plan = launch_config.plan_param_grads(rows, half)
     x_flat, x_sh, x_sw = _spatial(x)
     dy_flat, dy_sh, dy_sw = _spatial(grad_out)
     dx_flat, dx_sh, dx_sw = _spatial(dx)
@@ -253,14 +252,32 @@ def _plan_backward(grad_out, x, dx, params, groups):
              X_FLAT=x_flat, DY_FLAT=dy_flat, DX_FLAT=dx_flat,
              DY_INTERLEAVED=_channels_fast(grad_out), I64=_needs_int64(x, grad_out, dx)),
         plan.num_warps, direct)
-    reduce = KernelLaunch(
-        param_grads_kernel, reduce_plan.grid, 11,
-        (B * groups, half, B * C, reduce_plan.rows_per_chunk, 0),
-        dict(BLOCK_R=reduce_plan.block_r, BLOCK_P=reduce_plan.block_p, FINAL=True),
-        reduce_plan.num_warps, direct)
+    launches = [planes]
+    if reduce_plan.final is None:
+        launches.append(KernelLaunch(
+            param_grads_kernel, reduce_plan.grid, 11,
+            (rows, half, B * C, reduce_plan.rows_per_chunk, 0),
+            dict(BLOCK_R=reduce_plan.block_r, BLOCK_P=reduce_plan.block_p, FINAL=True),
+            reduce_plan.num_warps, direct))
+        part_numel = 0
+    else:
+        # Two stages: chunks of rows into partials (2, chunks, 2 * half) after ws, then those.
+        chunks = reduce_plan.grid[1]
+        final = reduce_plan.final
+        part_numel = 2 * chunks * 2 * half
+        launches.append(KernelLaunch(
+            param_grads_kernel, reduce_plan.grid, 11,
+            (rows, half, B * C, reduce_plan.rows_per_chunk, chunks * 2 * half),
+            dict(BLOCK_R=reduce_plan.block_r, BLOCK_P=reduce_plan.block_p, FINAL=False),
+            reduce_plan.num_warps, direct))
+        launches.append(KernelLaunch(
+            param_grads_kernel, final.grid, 11,
+            (chunks, half, chunks * 2 * half, final.rows_per_chunk, 0),
+            dict(BLOCK_R=final.block_r, BLOCK_P=final.block_p, FINAL=True),
+            final.num_warps, direct))
     result = _BackwardPlan()
-    result.ws_shape = (2, B, C)
-    result.launches = _Launches(x.device, (planes, reduce))
+    result.ws_numel = (2 * B * C, part_numel)
+    result.launches = _Launches(x.device, tuple(launches))
     return result
 
 
@@ -279,7 +296,13 @@ def backward(grad_out, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, me
     # Saved statistics come from the ops (contiguous (B, C)); another backend's are too.
     mean, rstd = mean.contiguous(), rstd.contiguous()
     params = _params(params)
-    ws = torch.empty(plan.ws_shape, dtype=mean.dtype, device=x.device)
-    plan.launches.run((grad_out, x, dx, mean, rstd, ws, *params),
-                      (ws, ws, params[2], params[4], params[5], *grads))
+    ws_numel, part_numel = plan.ws_numel
+    ws = torch.empty(ws_numel + part_numel, dtype=mean.dtype, device=x.device)
+    reduce_params = (params[2], params[4], params[5], *grads)
+    if part_numel:
+        part = ws[ws_numel:]
+        plan.launches.run((grad_out, x, dx, mean, rstd, ws, *params), (ws, part, *reduce_params),
+                          (part, part, *reduce_params))
+    else:
+        plan.launches.run((grad_out, x, dx, mean, rstd, ws, *params), (ws, ws, *reduce_params))
     return (dx,) + tuple(grads)

@@ -60,7 +60,7 @@ class Limits(NamedTuple):  # a tuple, so hashing it (cache keys) costs one C cal
     cl_max_pairs: int = 32           # channels_last: widest channel-pair block
     split_below: int = 0             # channels_last: split H*W when the grid is smaller than this
     min_split_positions: int = 256   # channels_last: fewest positions in a slice
-    reduce_rows: int = 1 << 30       # parameter gradients: partial rows per first-stage program
+    reduce_rows: int = 256           # parameter gradients: partial rows per first-stage program
 
 
 def limits_from_env(text=None):
@@ -233,11 +233,11 @@ def plan_param_grads(rows, half, limits=None):
     rows in parallel into partials, a second sums those in order (two launches)."""
     lim = LIMITS if limits is None else limits
     block_p = min(next_pow2(half), 64)
-    block_r = min(next_pow2(rows), max(1, 1024 // block_p))
+    block_r = min(next_pow2(rows), max(1, 1024 // block_p), prev_pow2(lim.reduce_rows))
     pblocks = _cdiv(half, block_p)
     rows_per_chunk = _cdiv(max(lim.reduce_rows, block_r), block_r) * block_r
     chunks = _cdiv(rows, rows_per_chunk)
     if chunks <= 1:
         return ReducePlan(block_r, block_p, (pblocks, 1), 4, _cdiv(rows, block_r) * block_r, None)
-    final = plan_param_grads(chunks, half, lim._replace(reduce_rows=chunks))
+    final = plan_param_grads(chunks, half, lim._replace(reduce_rows=next_pow2(chunks)))
     return ReducePlan(block_r, block_p, (pblocks, chunks), 4, rows_per_chunk, final)
