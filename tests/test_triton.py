@@ -440,7 +440,8 @@ def test_cpu_availability_follows_interpreter():
     ((64, 256, 8, 8, 4, False, False, 1), (False, 16)),   # small planes packed
     ((8, 512, 7, 7, 2, False, False, 1), (False, 4)),   # ... while >= 512 programs
     ((8, 256, 7, 7, 2, False, True, 1), (False, 16)),     # channels_last: >= one sector of halves
-    ((8, 256, 56, 56, 4, False, True, 1), (True, 8)),     # channels_last: two sweeps
+    ((8, 256, 56, 56, 4, False, True, 1), (True, 8)),     # channels_last: split, 4 slices
+    ((64, 256, 56, 56, 4, False, True, 1), (True, 16)),   # channels_last: two sweeps
 ], ids=str)
 def test_launch_heuristic(case):
     (B, C, H, W, size, fp64, cl, tensors), (chunked, block_j) = case
@@ -448,7 +449,8 @@ def test_launch_heuristic(case):
     assert (plan.chunked, plan.block_j) == (chunked, block_j)
     values = 2 * plan.block_j * plan.block_hw * tensors * (2 if fp64 else 1)
     assert values <= launch_config.LIMITS.on_chip_values
-    assert plan.grid == (B * -(-(C // 2) // plan.block_j),) and 1 <= plan.num_warps <= 16
+    assert plan.grid == (B * -(-(C // 2) // plan.block_j) * plan.splits,)
+    assert 1 <= plan.num_warps <= 16
     if not chunked:
         assert plan.block_hw >= H * W
 
@@ -592,3 +594,76 @@ def test_parameter_gradient_plans():
             assert chunks >= 16
         if plan.final is not None:
             assert plan.final.grid == (plan.grid[0], 1) and plan.final.rows_per_chunk >= chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# Split planes: channels_last with too few (sample, channel block) programs to fill the GPU
+
+SPLIT = dict(split_below=10 ** 6, min_split_positions=4)  # split even tiny planes
+
+
+@pytest.mark.parametrize("dtype,dy_format", [(torch.float32, CL), (torch.float16, NCHW),
+                                             (torch.float64, CL), (torch.bfloat16, CL)], ids=str)
+def test_split_planes(tdevice, launches, limits, dtype, dy_format):
+    limits(**SPLIT)
+    check((2, 16, 5, 7), 2, dtype, tdevice, CL, dy_format=dy_format)
+    for plan in launches.both():
+        assert plan.splits > 1 and plan.waves == 1
+        assert plan.grid == (2 * plan.num_jblocks * plan.splits,)
+        assert (plan.splits - 1) * plan.slice_len < 35 <= plan.splits * plan.slice_len
+
+
+@pytest.mark.parametrize("fields", [dict(splits=4, block_hw=2), dict(splits=2, waves=2),
+                                    dict(splits=8, block_hw=4, waves=3)], ids=str)
+def test_split_planes_forced(tdevice, launches, fields):
+    """Slices of several chunks, a short last slice, and waves (launch pairs over
+    consecutive sample groups); results bitwise identical run to run."""
+    with launch_config.override(**fields):
+        ref, fused = _modules(16, 2, tdevice, torch.float32)
+        x = random_input((3, 16, 5, 7), torch.float32, tdevice, CL)
+        dy = random_input(x.shape, x.dtype, tdevice, CL)
+        first = assert_matches_reference(ref, fused, x, dy)
+        second = fused_outputs(fused, x, dy)
+    for plan in launches.both():
+        assert plan.splits > 1 and plan.waves == fields.get("waves", 1)
+        assert plan.block_hw == fields.get("block_hw", plan.block_hw)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for name in PARAM_NAMES:
+        assert torch.equal(first[2][name], second[2][name]), name
+
+
+def test_split_statistics_are_numerically_sound(tdevice, launches, limits):
+    """Per-slice (mean, M2) merged with Chan's formula keep a variance 1e-4 of the
+    squared mean (see test_chunked_statistics_are_numerically_sound)."""
+    limits(**SPLIT)
+    ref = random_reference(8, 2, tdevice)
+    params = [p.detach().reshape(-1) for p in (ref.cweight, ref.cbias, ref.sweight, ref.sbias,
+                                                ref.gn.weight, ref.gn.bias)]
+    x = (random_input((2, 8, 9, 11), torch.float64, tdevice, CL) * 0.05 + 300).float()
+    out, mean, rstd = torch.ops.sa_kernels.forward(x, *params, 2, 1e-5, "triton")
+    assert launches.forward.splits > 1
+    var64, mean64 = torch.var_mean(x.double(), dim=(2, 3), correction=0)
+    # two or three float32 ulps (1.2e-7 each) for a mean merged over slices and chunks
+    torch.testing.assert_close(mean.double(), mean64, rtol=3.6e-7, atol=0)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(var64 + 1e-5), rtol=1e-4, atol=0)
+    ref_out = reference_outputs(ref, x, torch.ones_like(x))[0]
+    torch.testing.assert_close(out.double(), ref_out, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("case,splits", [
+    # (B, C, H, W, dtype bytes, tensors) -> splits: too few programs for the chip
+    ((8, 64, 256, 256, 4, 1), 16), ((8, 64, 256, 256, 2, 2), 32), ((1, 64, 256, 256, 4, 1), 128),
+    ((16, 256, 80, 80, 4, 1), 1),   # 256 programs: left whole
+    ((64, 256, 56, 56, 2, 1), 1),
+], ids=str)
+def test_split_heuristic(case, splits):
+    B, C, H, W, size, tensors = case
+    plan = launch_config.plan_planes(B, C // 2, H * W, size, False, True, tensors=tensors)
+    assert plan.splits == splits
+    if splits > 1:
+        assert plan.grid[0] >= launch_config.LIMITS.min_programs
+        assert plan.slice_len % plan.block_hw == 0 and plan.slice_len >= 256
+    with launch_config.override(limits={"wave_bytes": 16 << 20}):
+        waved = launch_config.plan_planes(B, C // 2, H * W, size, False, True, tensors=tensors)
+    if splits > 1:
+        assert waved.waves == -(-B * C * H * W * size * tensors // (16 << 20))

@@ -87,6 +87,9 @@ def _run_cases():
         ((64, 256, 8, 8), 8, torch.float32, torch.contiguous_format, {}, None),
         ((64, 2048, 7, 7), 64, torch.bfloat16, torch.contiguous_format, {}, None),
         ((2, 64, 256, 256), 8, torch.float32, torch.contiguous_format, {}, None),
+        # channels_last with few (sample, block) programs: split planes
+        ((2, 64, 128, 128), 8, torch.float32, torch.channels_last, {}, None),
+        ((1, 64, 256, 256), 8, torch.bfloat16, torch.channels_last, {}, None),
     ]
     for shape, G, dtype, fmt, limits, view in cases:
         launch_config.LIMITS = launch_config.Limits(**limits)
@@ -126,6 +129,7 @@ def main():
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
     target = GPUTarget("cuda", arch, 32)
     triton_kernels._kernels = tuple(_Capture(k) for k in triton_kernels._load_kernels())
+    triton_kernels._split_kernels = tuple(_Capture(k) for k in triton_kernels._load_split_kernels())
     _run_cases()
     max_regs = 0
     for fn, spec, constexprs, num_warps in _variants.values():

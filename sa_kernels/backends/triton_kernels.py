@@ -49,6 +49,7 @@ from ..triton.launcher import KernelLaunch
 
 _INT32_LIMIT = 2 ** 31 - 1
 _kernels = None
+_split_kernels = None
 
 
 def _load_kernels():
@@ -61,6 +62,21 @@ def _load_kernels():
         _kernels = (shuffle_attention_forward_kernel, shuffle_attention_backward_kernel,
                     shuffle_attention_param_grads_kernel)
     return _kernels
+
+
+def _load_split_kernels():
+    """The split-plane kernels (forward partials, apply; backward partials, apply)."""
+    global _split_kernels
+    if _split_kernels is None:
+        from ..triton.backward_split import (shuffle_attention_backward_apply_kernel,
+                                             shuffle_attention_backward_partials_kernel)
+        from ..triton.forward_split import (shuffle_attention_forward_apply_kernel,
+                                            shuffle_attention_forward_partials_kernel)
+        _split_kernels = (shuffle_attention_forward_partials_kernel,
+                          shuffle_attention_forward_apply_kernel,
+                          shuffle_attention_backward_partials_kernel,
+                          shuffle_attention_backward_apply_kernel)
+    return _split_kernels
 
 
 def unavailable_reason(device, build=True):
@@ -160,30 +176,39 @@ def _remember(cache, key, value):
 
 
 class _Launches:
-    """One call's launches: kernel launches in order, with the device made current if needed."""
+    """One call's kernel launches in order, each given one of the call's tensor lists (its
+    role), with the device made current if it is not."""
 
     __slots__ = ("device_index", "launches")
 
     def __init__(self, device, launches):
         self.device_index = device.index if device.type == "cuda" else None
-        self.launches = launches
+        self.launches = tuple(launches)  # (KernelLaunch, role) pairs
 
-    def run(self, *tensor_lists):
+    def run(self, tensor_lists):
         if self.device_index is None or torch.cuda.current_device() == self.device_index:
-            for launch, tensors in zip(self.launches, tensor_lists):
-                launch(*tensors)
+            for launch, role in self.launches:
+                launch(*tensor_lists[role])
         else:
             with torch.cuda.device(self.device_index):
-                for launch, tensors in zip(self.launches, tensor_lists):
-                    launch(*tensors)
+                for launch, role in self.launches:
+                    launch(*tensor_lists[role])
+
+
+def _waves(plan):
+    """(first unit, units) of each launch pair of a split plan, in order."""
+    groups = plan.grid[0] // plan.splits
+    per_wave = -(-groups // plan.waves)
+    return [(g * plan.splits, (min(groups, g + per_wave) - g) * plan.splits)
+            for g in range(0, groups, per_wave)]
 
 
 class _ForwardPlan:
-    __slots__ = ("acc", "stats_shape", "launches")
+    __slots__ = ("acc", "stats_shape", "part_shape", "launches")
 
 
-class _BackwardPlan:
-    __slots__ = ("ws_numel", "launches")
+# Tensor lists (roles) of a forward call.
+_FWD_PLANES, _FWD_PARTIALS, _FWD_APPLY = 0, 1, 2
 
 
 def _plan_forward(x, out, params, eps):
@@ -196,19 +221,39 @@ def _plan_forward(x, out, params, eps):
     o_flat, o_sh, o_sw = _spatial(out)
     eps_hi, eps_lo = _eps_halves(float(eps))
     direct = x.is_cuda
-    kernel = _load_kernels()[0]
-    launch = KernelLaunch(
-        kernel, plan.grid, 10,
-        (C // 2, H * W, W, half, eps_hi, eps_lo, plan.num_jblocks,
-         x.stride(0), x.stride(1), x_sh, x_sw, out.stride(0), out.stride(1), o_sh, o_sw),
-        dict(BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, CHUNKED=plan.chunked,
-             X_FLAT=x_flat, OUT_FLAT=o_flat, OUT_INTERLEAVED=_channels_fast(out),
-             I64=_needs_int64(x, out)),
-        plan.num_warps, direct)
+    x_strides = (x.stride(0), x.stride(1), x_sh, x_sw)
+    o_strides = (out.stride(0), out.stride(1), o_sh, o_sw)
+    i64 = _needs_int64(x, out)
     result = _ForwardPlan()
     result.acc = acc
     result.stats_shape = (B, C)
-    result.launches = _Launches(x.device, (launch,))
+    result.part_shape = None
+    if plan.splits == 1:
+        launches = [(KernelLaunch(
+            _load_kernels()[0], plan.grid, 10,
+            (C // 2, H * W, W, half, eps_hi, eps_lo, plan.num_jblocks, *x_strides, *o_strides),
+            dict(BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, CHUNKED=plan.chunked,
+                 X_FLAT=x_flat, OUT_FLAT=o_flat, OUT_INTERLEAVED=_channels_fast(out), I64=i64),
+            plan.num_warps, direct), _FWD_PLANES)]
+    else:
+        partials_kernel, apply_kernel = _load_split_kernels()[:2]
+        result.part_shape = (2, plan.splits, B, C)
+        launches = []
+        for first, count in _waves(plan):
+            launches.append((KernelLaunch(
+                partials_kernel, (count,), 2,
+                (C // 2, H * W, W, plan.num_jblocks, plan.splits, plan.slice_len, first, B * C,
+                 *x_strides),
+                dict(BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, X_FLAT=x_flat, I64=i64),
+                plan.num_warps, direct), _FWD_PARTIALS))
+            launches.append((KernelLaunch(
+                apply_kernel, (count,), 11,
+                (C // 2, H * W, W, half, eps_hi, eps_lo, plan.num_jblocks, plan.splits,
+                 plan.slice_len, first, count, B * C, *x_strides, *o_strides),
+                dict(BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, X_FLAT=x_flat,
+                     OUT_FLAT=o_flat, OUT_INTERLEAVED=_channels_fast(out), I64=i64),
+                plan.num_warps, direct), _FWD_APPLY))
+    result.launches = _Launches(x.device, launches)
     return result
 
 
@@ -225,8 +270,21 @@ def forward(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
         plan = _remember(_forward_launches, key, _plan_forward(x, out, params, eps))
     mean = torch.empty(plan.stats_shape, dtype=plan.acc, device=x.device)
     rstd = torch.empty_like(mean)
-    plan.launches.run((x, out, mean, rstd, *_params(params)))
+    params = _params(params)
+    if plan.part_shape is None:
+        plan.launches.run(((x, out, mean, rstd, *params),))
+    else:
+        part = torch.empty(plan.part_shape, dtype=plan.acc, device=x.device)
+        plan.launches.run((None, (x, part), (x, out, mean, rstd, part, *params)))
     return out, mean, rstd
+
+
+class _BackwardPlan:
+    __slots__ = ("ws_numel", "part_numel", "launches")
+
+
+# Tensor lists (roles) of a backward call.
+_BWD_PLANES, _BWD_PARTIALS, _BWD_APPLY, _BWD_REDUCE, _BWD_REDUCE_FINAL = 0, 1, 2, 3, 4
 
 
 def _plan_backward(grad_out, x, dx, params, groups):
@@ -235,49 +293,73 @@ def _plan_backward(grad_out, x, dx, params, groups):
     acc = _acc_dtype(x.dtype)
     plan = launch_config.plan_planes(B, C // 2, H * W, x.element_size(), acc == torch.float64,
                                      _channels_fast(x), tensors=2)
-    rows = B * groups
-    reduce_plan = launch_config.plan_param_grads(rows, half)
     x_flat, x_sh, x_sw = _spatial(x)
     dy_flat, dy_sh, dy_sw = _spatial(grad_out)
     dx_flat, dx_sh, dx_sw = _spatial(dx)
     direct = x.is_cuda
+    x_strides = (x.stride(0), x.stride(1), x_sh, x_sw)
+    dy_strides = (grad_out.stride(0), grad_out.stride(1), dy_sh, dy_sw)
+    dx_strides = (dx.stride(0), dx.stride(1), dx_sh, dx_sw)
+    i64 = _needs_int64(x, grad_out, dx)
+    dy_interleaved = _channels_fast(grad_out)
     _, backward_kernel, param_grads_kernel = _load_kernels()
-    planes = KernelLaunch(
-        backward_kernel, plan.grid, 12,
-        (C // 2, H * W, W, half, plan.num_jblocks, B * C,
-         x.stride(0), x.stride(1), x_sh, x_sw,
-         grad_out.stride(0), grad_out.stride(1), dy_sh, dy_sw,
-         dx.stride(0), dx.stride(1), dx_sh, dx_sw),
-        dict(BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, CHUNKED=plan.chunked,
-             X_FLAT=x_flat, DY_FLAT=dy_flat, DX_FLAT=dx_flat,
-             DY_INTERLEAVED=_channels_fast(grad_out), I64=_needs_int64(x, grad_out, dx)),
-        plan.num_warps, direct)
-    launches = [planes]
+    if plan.splits == 1:
+        launches = [(KernelLaunch(
+            backward_kernel, plan.grid, 12,
+            (C // 2, H * W, W, half, plan.num_jblocks, B * C, *x_strides, *dy_strides,
+             *dx_strides),
+            dict(BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, CHUNKED=plan.chunked,
+                 X_FLAT=x_flat, DY_FLAT=dy_flat, DX_FLAT=dx_flat,
+                 DY_INTERLEAVED=dy_interleaved, I64=i64),
+            plan.num_warps, direct), _BWD_PLANES)]
+    else:
+        partials_kernel, apply_kernel = _load_split_kernels()[2:]
+        launches = []
+        for first, count in _waves(plan):
+            launches.append((KernelLaunch(
+                partials_kernel, (count,), 11,
+                (C // 2, H * W, W, half, plan.num_jblocks, plan.splits, plan.slice_len, first,
+                 B * C, *x_strides, *dy_strides),
+                dict(BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, X_FLAT=x_flat,
+                     DY_FLAT=dy_flat, DY_INTERLEAVED=dy_interleaved, I64=i64),
+                plan.num_warps, direct), _BWD_PARTIALS))
+            launches.append((KernelLaunch(
+                apply_kernel, (count,), 12,
+                (C // 2, H * W, W, half, plan.num_jblocks, plan.splits, plan.slice_len, first,
+                 count, B * C, *x_strides, *dy_strides, *dx_strides),
+                dict(BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, X_FLAT=x_flat,
+                     DY_FLAT=dy_flat, DX_FLAT=dx_flat, DY_INTERLEAVED=dy_interleaved, I64=i64),
+                plan.num_warps, direct), _BWD_APPLY))
+    # ws (2, splits, B, C) as (2, rows, 2 * half): its rows are (slice, batch, group) triples.
+    rows = plan.splits * B * groups
+    ws_stride = plan.splits * B * C
+    reduce_plan = launch_config.plan_param_grads(rows, half)
     if reduce_plan.final is None:
-        launches.append(KernelLaunch(
+        launches.append((KernelLaunch(
             param_grads_kernel, reduce_plan.grid, 11,
-            (rows, half, B * C, reduce_plan.rows_per_chunk, 0),
+            (rows, half, ws_stride, reduce_plan.rows_per_chunk, 0),
             dict(BLOCK_R=reduce_plan.block_r, BLOCK_P=reduce_plan.block_p, FINAL=True),
-            reduce_plan.num_warps, direct))
+            reduce_plan.num_warps, direct), _BWD_REDUCE))
         part_numel = 0
     else:
         # Two stages: chunks of rows into partials (2, chunks, 2 * half) after ws, then those.
         chunks = reduce_plan.grid[1]
         final = reduce_plan.final
         part_numel = 2 * chunks * 2 * half
-        launches.append(KernelLaunch(
+        launches.append((KernelLaunch(
             param_grads_kernel, reduce_plan.grid, 11,
-            (rows, half, B * C, reduce_plan.rows_per_chunk, chunks * 2 * half),
+            (rows, half, ws_stride, reduce_plan.rows_per_chunk, chunks * 2 * half),
             dict(BLOCK_R=reduce_plan.block_r, BLOCK_P=reduce_plan.block_p, FINAL=False),
-            reduce_plan.num_warps, direct))
-        launches.append(KernelLaunch(
+            reduce_plan.num_warps, direct), _BWD_REDUCE))
+        launches.append((KernelLaunch(
             param_grads_kernel, final.grid, 11,
             (chunks, half, chunks * 2 * half, final.rows_per_chunk, 0),
             dict(BLOCK_R=final.block_r, BLOCK_P=final.block_p, FINAL=True),
-            final.num_warps, direct))
+            final.num_warps, direct), _BWD_REDUCE_FINAL))
     result = _BackwardPlan()
-    result.ws_numel = (2 * B * C, part_numel)
-    result.launches = _Launches(x.device, tuple(launches))
+    result.ws_numel = 2 * ws_stride
+    result.part_numel = part_numel
+    result.launches = _Launches(x.device, launches)
     return result
 
 
@@ -296,13 +378,13 @@ def backward(grad_out, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, me
     # Saved statistics come from the ops (contiguous (B, C)); another backend's are too.
     mean, rstd = mean.contiguous(), rstd.contiguous()
     params = _params(params)
-    ws_numel, part_numel = plan.ws_numel
-    ws = torch.empty(ws_numel + part_numel, dtype=mean.dtype, device=x.device)
+    ws_numel = plan.ws_numel
+    ws = torch.empty(ws_numel + plan.part_numel, dtype=mean.dtype, device=x.device)
+    part = ws[ws_numel:] if plan.part_numel else ws
     reduce_params = (params[2], params[4], params[5], *grads)
-    if part_numel:
-        part = ws[ws_numel:]
-        plan.launches.run((grad_out, x, dx, mean, rstd, ws, *params), (ws, part, *reduce_params),
-                          (part, part, *reduce_params))
-    else:
-        plan.launches.run((grad_out, x, dx, mean, rstd, ws, *params), (ws, ws, *reduce_params))
+    plan.launches.run(((grad_out, x, dx, mean, rstd, ws, *params),
+                       (grad_out, x, mean, rstd, ws, *params),
+                       (grad_out, x, dx, mean, rstd, ws, *params),
+                       (ws, part, *reduce_params),
+                       (part, part, *reduce_params)))
     return (dx,) + tuple(grads)

@@ -21,7 +21,10 @@ Register budget is counted in *values*: elements held x tensors held per element
    doubled until the grid reaches ``min_programs`` while a slice keeps at least
    ``min_split_positions`` positions). The kernels then run in two launches:
    per-slice partial statistics, then a fixed-order merge of a plane's partials
-   and the slice's gate (forward) or dx (backward).
+   and the slice's gate (forward) or dx (backward). x (and grad_out) are read
+   twice; with ``wave_bytes`` set, the launch pairs run over consecutive groups
+   of samples and blocks reading about that many bytes each (``waves``), so the
+   second read can find the first's data in L2.
 3. Single sweep vs chunked: if the whole tile (2 * block_j planes x
    next_pow2(H*W)) fits in ``on_chip_values``, the program holds it in registers
    and reads x (and grad_out) once. Otherwise it loops over H*W in chunks of
@@ -58,9 +61,10 @@ class Limits(NamedTuple):  # a tuple, so hashing it (cache keys) costs one C cal
     values_per_warp: int = 256       # num_warps = tile values / this (8 per thread)
     min_programs: int = 512          # packing/widening stops before the grid drops below this
     cl_max_pairs: int = 32           # channels_last: widest channel-pair block
-    split_below: int = 0             # channels_last: split H*W when the grid is smaller than this
+    split_below: int = 256           # channels_last: split H*W when the grid is smaller than this
     min_split_positions: int = 256   # channels_last: fewest positions in a slice
     reduce_rows: int = 256           # parameter gradients: partial rows per first-stage program
+    wave_bytes: int = 0              # split planes: bytes read per launch pair (0: one pair)
 
 
 def limits_from_env(text=None):
@@ -80,7 +84,7 @@ def limits_from_env(text=None):
 LIMITS = limits_from_env()
 
 # Plan fields an override or a TUNED entry may set.
-PLAN_FIELDS = ("block_j", "block_hw", "chunked", "num_warps", "splits")
+PLAN_FIELDS = ("block_j", "block_hw", "chunked", "num_warps", "splits", "waves")
 FORCED = None  # () or sorted (field, value) pairs, set by ``override``
 
 # Measured best plans: tune_key(...) -> {plan field: value}. Filled from GPU sweeps
@@ -121,6 +125,7 @@ class PlanePlan(NamedTuple):
     num_warps: int
     splits: int = 1    # H*W slices per plane (> 1: two launches, partials then merge)
     slice_len: int = 0  # positions per slice (a multiple of block_hw) when split
+    waves: int = 1     # split planes: launch pairs, each over consecutive (sample, block) groups
 
 
 def next_pow2(n):
@@ -202,8 +207,15 @@ def plan_planes(batch, half_channels, hw, elem_size, fp64, channels_fast, tensor
         _check_pow2("block_hw", block_hw, 1, hw_block)
         slice_len = _cdiv(_cdiv(hw, splits), block_hw) * block_hw
         splits = _cdiv(hw, slice_len)  # every slice holds positions
+        groups = batch * num_jblocks
+        read_bytes = batch * 2 * half_channels * hw * elem_size * tensors
+        waves = forced.get("waves", _cdiv(read_bytes, lim.wave_bytes) if lim.wave_bytes else 1)
+        waves = _cdiv(groups, _cdiv(groups, max(1, waves)))  # no empty wave
     else:
+        if forced.get("waves", 1) != 1:
+            raise ValueError("waves apply to split planes only")
         slice_len = 0
+        waves = 1
         chunked = forced.get("chunked", 2 * block_j * hw_block * vpe > lim.on_chip_values)
         if chunked:
             block_hw = forced.get("block_hw", min(hw_block, chunk_hw))
@@ -215,7 +227,7 @@ def plan_planes(batch, half_channels, hw, elem_size, fp64, channels_fast, tensor
                            min(16, prev_pow2(max(1, tile_values // lim.values_per_warp))))
     _check_pow2("num_warps", num_warps, 1, 32)
     return PlanePlan(block_j, block_hw, bool(chunked), num_jblocks,
-                     (batch * num_jblocks * splits,), num_warps, splits, slice_len)
+                     (batch * num_jblocks * splits,), num_warps, splits, slice_len, waves)
 
 
 class ReducePlan(NamedTuple):
