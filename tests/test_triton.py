@@ -443,7 +443,8 @@ def test_cpu_availability_follows_interpreter():
     ((8, 256, 56, 56, 4, False, True, 1), (True, 8)),     # channels_last: split, 4 slices
     ((64, 256, 56, 56, 4, False, True, 1), (True, 16)),   # channels_last: two sweeps
 ], ids=str)
-def test_launch_heuristic(case):
+def test_launch_heuristic(monkeypatch, case):
+    monkeypatch.setattr(launch_config, "TUNED", {})  # the rules themselves
     (B, C, H, W, size, fp64, cl, tensors), (chunked, block_j) = case
     plan = launch_config.plan_planes(B, C // 2, H * W, size, fp64, cl, tensors=tensors)
     assert (plan.chunked, plan.block_j) == (chunked, block_j)
@@ -656,7 +657,8 @@ def test_split_statistics_are_numerically_sound(tdevice, launches, limits):
     ((16, 256, 80, 80, 4, 1), 1),   # 256 programs: left whole
     ((64, 256, 56, 56, 2, 1), 1),
 ], ids=str)
-def test_split_heuristic(case, splits):
+def test_split_heuristic(monkeypatch, case, splits):
+    monkeypatch.setattr(launch_config, "TUNED", {})  # the rules themselves
     B, C, H, W, size, tensors = case
     plan = launch_config.plan_planes(B, C // 2, H * W, size, False, True, tensors=tensors)
     assert plan.splits == splits
@@ -667,3 +669,72 @@ def test_split_heuristic(case, splits):
         waved = launch_config.plan_planes(B, C // 2, H * W, size, False, True, tensors=tensors)
     if splits > 1:
         assert waved.waves == -(-B * C * H * W * size * tensors // (16 << 20))
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/triton_sweep.py: its plan and its TUNED output (the timing itself needs a GPU)
+
+
+def _sweep_module():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "triton_sweep.py")
+    spec = importlib.util.spec_from_file_location("triton_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_plan(capsys):
+    sweep = _sweep_module()
+    plan = sweep.main(["--dry-run"])
+    assert "variants in" in capsys.readouterr().out
+    assert len(plan) == 2 * len(sweep.CASES) and sum(len(vs) for *_, vs in plan) < 400
+    for cid, case, mode, vs in plan:
+        names = [name for name, _, _ in vs]
+        assert names[0] == "default" and len(set(names)) == len(names) > 1, cid
+        base = sweep._plan(sweep.plan_args(*case, mode), {})
+        plans = [sweep._plan(sweep.plan_args(*case, mode), f, lim or None) for _, f, lim in vs]
+        assert plans[0] == base
+        if base.splits > 1:  # the split path is timed against the unsplit one
+            assert any(p.splits == 1 for p in plans), cid
+    assert [c for c, *_ in sweep.main(["--dry-run", "--cases", "seed-float32"])] == \
+        ["seed-float32-nchw"] * 2
+
+
+def test_sweep_tuned_entries_paste_into_launch_config():
+    sweep = _sweep_module()
+    args = sweep.plan_args(sweep._BY_NAME["seed"], "float32", False, "forward")
+    results = [{"case": "seed-float32-nchw", "mode": "forward", "plan_args": list(args),
+                "variants": [{"name": "default", "fields": {}, "device_us": 10.0},
+                             {"name": "block_j=8", "fields": {"block_j": 8}, "device_us": 8.0},
+                             {"name": "x", "fields": {"num_warps": 2}, "device_us": 9.9}]},
+               {"case": "same", "mode": "forward", "plan_args": list(args),
+                "variants": [{"name": "default", "fields": {}, "device_us": 10.0},
+                             {"name": "x", "fields": {"num_warps": 2}, "device_us": 9.9}]}]
+    lines = sweep.tuned_entries(results, min_gain=0.05)
+    assert len(lines) == 1  # the second case's best gained 1%: no entry
+    table = eval("{\n" + "\n".join(lines) + "\n}")
+    assert table == {launch_config.tune_key(*args): {"block_j": 8}}
+    saved = dict(launch_config.TUNED)
+    try:
+        launch_config.TUNED.update(table)
+        assert launch_config.plan_planes(*args).block_j == 8
+    finally:
+        launch_config.TUNED.clear()
+        launch_config.TUNED.update(saved)
+
+
+def test_sweep_runs_every_variant(tdevice):
+    """The sweep's per-variant calls (forced plans, limits, rotated inputs, forward and
+    backward) on an interpreter-sized case: every variant kind of a split case runs."""
+    if tdevice.type != "cpu":
+        pytest.skip("the GPU sweep itself covers this")
+    sweep = _sweep_module()
+    tiny = sweep.Shape("tiny", 2, 16, 16, 32, 2)
+    with launch_config.override(limits={"split_below": 10 ** 6, "min_split_positions": 64,
+                                        "reduce_rows": 2}):
+        plan = [(sweep.case_id(tiny, "float32", True), (tiny, "float32", True), mode,
+                 sweep.variants(tiny, "float32", True, mode)) for mode in sweep.MODES]
+        kinds = {k for *_, vs in plan for _, fields, limits in vs for k in {**fields, **limits}}
+        assert {"splits", "waves", "block_hw", "num_warps", "reduce_rows"} <= kinds
+        sweep.warm(plan, 0, 1, device="cpu")
