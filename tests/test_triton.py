@@ -502,7 +502,7 @@ class _FakeCompiled:
         self.calls = []
 
     def __getitem__(self, grid):
-        return lambda *args: self.calls.append((grid, args))
+        return lambda *args: self.calls.append(((grid[0], grid[1], grid[2]), args))
 
 
 class _FakeJit:
@@ -530,9 +530,9 @@ def test_kernel_launch_skips_binding_after_first_launch():
     launch = KernelLaunch(jit, (6,), 2, (7, 0.5), {"FLAG": True, "BLOCK": 64}, 4, direct=True)
     a, b = torch.zeros(8), torch.zeros(8)
     launch(a, b)
-    assert jit.calls == [((6,), (a, b, 7, 0.5), {"num_warps": 4, "FLAG": True, "BLOCK": 64})]
+    assert jit.calls == [((6, 1, 1), (a, b, 7, 0.5), {"num_warps": 4, "FLAG": True, "BLOCK": 64})]
     launch(a, b)
-    assert len(jit.calls) == 1 and compiled.calls == [((6,), (a, b, 7, 0.5, 64, True))]
+    assert len(jit.calls) == 1 and compiled.calls == [((6, 1, 1), (a, b, 7, 0.5, 64, True))]
     launch(a[1:], b)  # 4-byte offset: another specialisation, so another JIT launch
     assert len(jit.calls) == 2 and len(compiled.calls) == 1
 

@@ -29,7 +29,8 @@ class KernelLaunch:
 
     def __init__(self, kernel, grid, tensors, scalars, constexprs, num_warps, direct):
         self.kernel = kernel
-        self.grid = tuple(grid)
+        # Three dimensions: CompiledKernel[grid] reads grid[0], grid[1] and grid[2].
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.scalars = tuple(scalars)
         self.constexprs = dict(constexprs)
         self.num_warps = num_warps
