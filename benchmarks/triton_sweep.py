@@ -19,6 +19,8 @@ cache (each runs the variants of its shard once). ``--host`` (on by default) add
 host cost per call (back-to-back calls, no synchronisation, wall time) of the triton
 and, when built, cuda backends on the seed case.
 
+Each variant's outputs (on one input set) are compared with the heuristic plan's: one
+that differs by more than rounding is reported and kept out of the TUNED entries.
 Writes ``$OUT/triton_sweep.json`` (or ``--out``) after every case, so a run cut short
 keeps what it measured; prints one line per case and, last, the TUNED entries whose
 best variant beat the heuristic's plan by more than ``--min-gain``.
@@ -218,7 +220,8 @@ def _profile(segments, calls):
 
 
 def _time_case(shape, dtype, cl, mode, vs, calls):
-    """({segment: (device µs, kernels) per call}, input bytes) for the copy and every variant."""
+    """({segment: (device µs, kernels) per call}, {variant: largest difference from the
+    heuristic's outputs, relative to their largest magnitude}, input bytes)."""
     sets, params, nbytes = _inputs(shape, dtype, cl, "cuda")
     copy_dst = torch.empty_like(sets[0][0])
     state = {"i": 0}
@@ -226,13 +229,35 @@ def _time_case(shape, dtype, cl, mode, vs, calls):
     def copy():
         copy_dst.copy_(sets[state["i"] % len(sets)][0])
         state["i"] += 1
-    segments = [("copy", copy)]
-    for name, fields, limits in vs:
-        fn = _with_variant(_call(mode, sets, params, shape.groups), fields, limits)
-        fn()  # load (or compile) outside the profile
-        segments.append((name, fn))
+    checks = check_variants(mode, sets[0], params, shape.groups, vs)  # also loads the kernels
+    segments = [("copy", copy)] + [
+        (name, _with_variant(_call(mode, sets, params, shape.groups), fields, limits))
+        for name, fields, limits in vs]
     torch.cuda.synchronize()
-    return _profile(segments, calls), nbytes
+    return _profile(segments, calls), checks, nbytes
+
+
+def check_variants(mode, inputs, params, groups, vs):
+    """{variant: largest difference of its outputs from the first variant's (the heuristic's),
+    relative to their largest magnitude}, on one input set."""
+    checks, reference = {}, None
+    for name, fields, limits in vs:
+        with launch_config.override(limits=limits or None, **fields):
+            outputs = _outputs(mode, inputs, params, groups)
+        reference = reference or outputs
+        checks[name] = max((a.double() - b.double()).abs().max().item()
+                           / max(1e-30, b.double().abs().max().item())
+                           for a, b in zip(outputs, reference))
+    return checks
+
+
+def _outputs(mode, inputs, params, groups):
+    """A call's outputs (forward: out, mean, rstd; backward: dx and the six gradients)."""
+    from sa_kernels.backends import triton_kernels
+    x, dy, mean, rstd = inputs
+    if mode == "forward":
+        return triton_kernels.forward(x, *params, groups, 1e-5)
+    return triton_kernels.backward(dy, x, *params, mean, rstd, groups, 1e-5)
 
 
 def _with_variant(fn, fields, limits):
@@ -315,7 +340,7 @@ def run(args):
             print(f"time limit reached before {cid} {mode}")
             break
         try:
-            timed, nbytes = _time_case(shape, dtype, cl, mode, vs, args.calls)
+            timed, checks, nbytes = _time_case(shape, dtype, cl, mode, vs, args.calls)
         except Exception as e:  # keep the rest of the sweep
             print(f"{cid} {mode}: FAILED {type(e).__name__}: {e}", flush=True)
             report["results"].append({"case": cid, "mode": mode, "error": f"{type(e).__name__}: {e}",
@@ -327,17 +352,23 @@ def run(args):
                   "input_bytes": nbytes, "copy_us": copy_us, "variants": []}
         for name, fields, limits in vs:
             us, launches = timed[name]
+            # Variants differ only in summation order: float32-rounding-sized differences.
+            agrees = checks[name] <= (5e-2 if dtype == "bfloat16" else 1e-4)
+            if not agrees:
+                print(f"{cid} {mode} {name}: differs from the heuristic's outputs by "
+                      f"{checks[name]:.2e} (relative): excluded from TUNED", flush=True)
             result["variants"].append({
-                "name": name, "fields": fields, "limits": limits, "device_us": us,
+                "name": name, "fields": fields, "limits": limits, "device_us": us if agrees else None,
+                "measured_us": us, "relative_difference": checks[name],
                 "kernels_per_call": launches, "pct_copy": 100 * moved / us * copy_us / (2 * nbytes),
                 "plan": _plan(plan_args(shape, dtype, cl, mode), fields, limits or None)._asdict()})
         report["results"].append(result)
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
-        best = min(result["variants"], key=lambda v: v["device_us"])
+        best = min(result["variants"], key=lambda v: v["measured_us"])
         default = result["variants"][0]
-        print(f"{cid:32s} {mode:8s} copy {copy_us:7.1f} us | default {default['device_us']:7.1f} us "
-              f"({default['pct_copy']:3.0f}% copy) | best {best['name']}: {best['device_us']:7.1f} us "
+        print(f"{cid:32s} {mode:8s} copy {copy_us:7.1f} us | default {default['measured_us']:7.1f} us "
+              f"({default['pct_copy']:3.0f}% copy) | best {best['name']}: {best['measured_us']:7.1f} us "
               f"({best['pct_copy']:3.0f}%)", flush=True)
     lines = tuned_entries(report["results"], args.min_gain)
     print(f"\n# {len(lines)} TUNED entries for sa_kernels/triton/launch_config.py "

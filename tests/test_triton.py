@@ -725,8 +725,9 @@ def test_sweep_tuned_entries_paste_into_launch_config():
 
 
 def test_sweep_runs_every_variant(tdevice):
-    """The sweep's per-variant calls (forced plans, limits, rotated inputs, forward and
-    backward) on an interpreter-sized case: every variant kind of a split case runs."""
+    """The sweep's per-variant calls (forced plans and limits, forward and backward) on an
+    interpreter-sized case: every variant kind of a split case runs and agrees with the
+    heuristic's plan to rounding (the sweep's own check on the GPU)."""
     if tdevice.type != "cpu":
         pytest.skip("the GPU sweep itself covers this")
     sweep = _sweep_module()
@@ -737,4 +738,7 @@ def test_sweep_runs_every_variant(tdevice):
                  sweep.variants(tiny, "float32", True, mode)) for mode in sweep.MODES]
         kinds = {k for *_, vs in plan for _, fields, limits in vs for k in {**fields, **limits}}
         assert {"splits", "waves", "block_hw", "num_warps", "reduce_rows"} <= kinds
-        sweep.warm(plan, 0, 1, device="cpu")
+        sets, params, _ = sweep._inputs(tiny, "float32", True, "cpu", count=1)
+        for *_, mode, vs in plan:
+            checks = sweep.check_variants(mode, sets[0], params, tiny.groups, vs)
+            assert len(checks) == len(vs) and max(checks.values()) < 1e-5, checks
