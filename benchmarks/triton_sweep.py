@@ -8,7 +8,8 @@ For every case (the benchmark suite's shapes, NCHW and channels_last, float32 an
 bfloat16) and mode (forward; backward, i.e. what a training step adds), each variant
 is a set of forced plan fields (``launch_config.override``): the heuristic's plan,
 then one change at a time (block_j, num_warps, one sweep vs two, chunk size, slices
-and waves of split planes, the parameter-gradient reduction's rows per program).
+and waves of split planes, the stride-divisibility hint, the parameter-gradient
+reduction's rows per program).
 Device time is the sum of the durations of every kernel a call ran (torch.profiler,
 CUDA activity), averaged over ``--calls`` calls, with inputs rotated past the L2; a
 device-to-device ``copy_`` of the same tensor is timed in the same profile. A fill
@@ -120,6 +121,8 @@ def variants(shape, dtype, channels_last, mode):
             add({**keep, **({"splits": base.splits} if base.splits > 1 else {}),
                  **({"chunked": base.chunked, "block_hw": base.block_hw} if base.chunked else {}),
                  "num_warps": nw})
+    if not channels_last and args[2] % 16 and args[2] % 2 == 0:
+        add({"vec": 1})  # without the stride-divisibility hint (14x14: scalar accesses)
     if mode == "backward" and shape.groups * shape.batch > launch_config.LIMITS.reduce_rows:
         for rows in (64, 1024, 1 << 30):  # 1 << 30: one reduction program per parameter block
             add({}, {"reduce_rows": rows})

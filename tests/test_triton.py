@@ -742,3 +742,35 @@ def test_sweep_runs_every_variant(tdevice):
         for *_, mode, vs in plan:
             checks = sweep.check_variants(mode, sets[0], params, tiny.groups, vs)
             assert len(checks) == len(vs) and max(checks.values()) < 1e-5, checks
+
+
+# ---------------------------------------------------------------------------------------------
+# VEC: strides passed divided by the vector width, so the compiler can emit vector accesses
+
+
+def test_vec_hint_choice():
+    vec = triton_kernels._vec
+    t = lambda shape, dtype=torch.float32, fmt=NCHW: torch.empty(shape, dtype=dtype, memory_format=fmt)  # noqa: E731
+    assert vec(16, 196, 4, t((2, 8, 14, 14))) == 4                    # 196 = 4 * 49
+    assert vec(16, 196, 2, t((2, 8, 14, 14), torch.bfloat16)) == 4    # 8 would not divide 196
+    assert vec(16, 64, 2, t((2, 8, 8, 8), torch.bfloat16)) == 8       # 16 bytes at most
+    assert vec(2, 196, 4, t((2, 8, 14, 14))) == 2                     # the plan's cap
+    assert vec(16, 49, 4, t((2, 8, 7, 7))) == 1
+    assert vec(16, 196, 4, t((2, 8, 14, 14), fmt=CL)) == 1            # channels are contiguous
+    assert vec(16, 196, 4, t((2, 8, 14, 28))[..., ::2]) == 1          # not a unit-step run
+    assert vec(16, 196, 4, t((2, 8, 14, 14)), torch.ones(()).expand(2, 8, 14, 14)) == 1
+    assert vec(16, 196, 4, t((2, 9, 14, 14))[:, 1:]) == 4             # offset views keep strides
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_vec_hint_paths(tdevice, launches, dtype):
+    """H*W = 12 (a multiple of 4, not of 16): forward and backward run with VEC = 4."""
+    check((2, 8, 2, 6), 2, dtype, tdevice)
+    fwd = [launch for plan in triton_kernels._forward_launches.values()
+           for launch, _ in plan.launches.launches]
+    bwd = [launch for plan in triton_kernels._backward_launches.values()
+           for launch, _ in plan.launches.launches]
+    assert [launch.constexprs["VEC"] for launch in fwd] == [4]
+    assert bwd[0].constexprs["VEC"] == 4
+    with launch_config.override(vec=1):
+        check((2, 8, 2, 6), 2, dtype, tdevice)

@@ -88,6 +88,8 @@ def _run_cases():
         ((8, 256, 56, 56), 8, torch.float16, torch.contiguous_format, {}, None),
         ((8, 256, 56, 56), 8, torch.bfloat16, torch.channels_last, {}, None),
         ((64, 256, 8, 8), 8, torch.float32, torch.contiguous_format, {}, None),
+        ((2, 64, 14, 14), 8, torch.float32, torch.contiguous_format, {}, None),   # VEC = 4
+        ((2, 64, 14, 14), 8, torch.bfloat16, torch.contiguous_format, {}, None),
         ((64, 2048, 7, 7), 64, torch.bfloat16, torch.contiguous_format, {}, None),
         ((2, 64, 256, 256), 8, torch.float32, torch.contiguous_format, {}, None),
         # channels_last with few (sample, block) programs: split planes

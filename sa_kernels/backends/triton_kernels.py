@@ -135,6 +135,24 @@ def _needs_int64(*tensors):
     return False
 
 
+def _vec(cap, hw, elem_size, *tensors):
+    """Elements per vector (at most 16 bytes, at most ``cap``) that divide H*W and every
+    tensor's sample and channel strides, for planes addressed as one unit-step run; else 1.
+    The kernels receive those values divided by it (``plane_math.times_vec``)."""
+    values = [hw]
+    for t in tensors:
+        flat, _, s_w = _spatial(t)
+        if not flat or s_w != 1:
+            return 1
+        values += [t.stride(0), t.stride(1)]
+    if max(values) > _INT32_LIMIT:
+        return 1
+    vec = min(cap, max(1, 16 // elem_size))
+    while vec > 1 and any(v % vec for v in values):
+        vec //= 2
+    return vec
+
+
 def _channels_fast(t):
     """Channels are the contiguous axis (channels_last, or 1x1 planes): tiles run along channels."""
     return t.stride(1) == 1 and t.shape[1] > 1
@@ -229,11 +247,15 @@ def _plan_forward(x, out, params, eps):
     result.stats_shape = (B, C)
     result.part_shape = None
     if plan.splits == 1:
+        vec = _vec(plan.vec, H * W, x.element_size(), x, out)
         launches = [(KernelLaunch(
             _load_kernels()[0], plan.grid, 10,
-            (C // 2, H * W, W, half, eps_hi, eps_lo, plan.num_jblocks, *x_strides, *o_strides),
+            (C // 2, H * W // vec, W, half, eps_hi, eps_lo, plan.num_jblocks,
+             x.stride(0) // vec, x.stride(1) // vec, x_sh, x_sw,
+             out.stride(0) // vec, out.stride(1) // vec, o_sh, o_sw),
             dict(BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, CHUNKED=plan.chunked,
-                 X_FLAT=x_flat, OUT_FLAT=o_flat, OUT_INTERLEAVED=_channels_fast(out), I64=i64),
+                 X_FLAT=x_flat, OUT_FLAT=o_flat, OUT_INTERLEAVED=_channels_fast(out), I64=i64,
+                 VEC=vec),
             plan.num_warps, direct), _FWD_PLANES)]
     else:
         partials_kernel, apply_kernel = _load_split_kernels()[:2]
@@ -304,13 +326,16 @@ def _plan_backward(grad_out, x, dx, params, groups):
     dy_interleaved = _channels_fast(grad_out)
     _, backward_kernel, param_grads_kernel = _load_kernels()
     if plan.splits == 1:
+        vec = _vec(plan.vec, H * W, x.element_size(), x, grad_out, dx)
         launches = [(KernelLaunch(
             backward_kernel, plan.grid, 12,
-            (C // 2, H * W, W, half, plan.num_jblocks, B * C, *x_strides, *dy_strides,
-             *dx_strides),
+            (C // 2, H * W // vec, W, half, plan.num_jblocks, B * C,
+             x.stride(0) // vec, x.stride(1) // vec, x_sh, x_sw,
+             grad_out.stride(0) // vec, grad_out.stride(1) // vec, dy_sh, dy_sw,
+             dx.stride(0) // vec, dx.stride(1) // vec, dx_sh, dx_sw),
             dict(BLOCK_J=plan.block_j, BLOCK_HW=plan.block_hw, CHUNKED=plan.chunked,
                  X_FLAT=x_flat, DY_FLAT=dy_flat, DX_FLAT=dx_flat,
-                 DY_INTERLEAVED=dy_interleaved, I64=i64),
+                 DY_INTERLEAVED=dy_interleaved, I64=i64, VEC=vec),
             plan.num_warps, direct), _BWD_PLANES)]
     else:
         partials_kernel, apply_kernel = _load_split_kernels()[2:]

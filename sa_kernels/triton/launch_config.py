@@ -37,6 +37,9 @@ Register budget is counted in *values*: elements held x tensors held per element
    went into these numbers.
 5. Channel and in-plane offsets are int32 unless a tensor's channels or one
    plane span 2**31 elements (then int64); per-sample offsets are always int64.
+6. VEC (chosen by the backend from the strides, at most ``vec``): NCHW-like planes
+   whose H*W and strides are multiples of VEC elements (up to 16 bytes) pass them
+   divided by VEC, so the compiler can emit vector loads for e.g. 14x14 planes.
 
 Overrides, in order of precedence (each only for the plan fields it names):
 ``override(...)`` (a context manager: what a sweep uses to force one variant),
@@ -84,7 +87,7 @@ def limits_from_env(text=None):
 LIMITS = limits_from_env()
 
 # Plan fields an override or a TUNED entry may set.
-PLAN_FIELDS = ("block_j", "block_hw", "chunked", "num_warps", "splits", "waves")
+PLAN_FIELDS = ("block_j", "block_hw", "chunked", "num_warps", "splits", "waves", "vec")
 FORCED = None  # () or sorted (field, value) pairs, set by ``override``
 
 # Measured best plans: tune_key(...) -> {plan field: value}. Filled from GPU sweeps
@@ -126,6 +129,7 @@ class PlanePlan(NamedTuple):
     splits: int = 1    # H*W slices per plane (> 1: two launches, partials then merge)
     slice_len: int = 0  # positions per slice (a multiple of block_hw) when split
     waves: int = 1     # split planes: launch pairs, each over consecutive (sample, block) groups
+    vec: int = 16      # cap on the stride-divisibility hint (the host picks VEC <= this)
 
 
 def next_pow2(n):
@@ -226,8 +230,10 @@ def plan_planes(batch, half_channels, hw, elem_size, fp64, channels_fast, tensor
     num_warps = forced.get("num_warps",
                            min(16, prev_pow2(max(1, tile_values // lim.values_per_warp))))
     _check_pow2("num_warps", num_warps, 1, 32)
+    vec = forced.get("vec", 16)
+    _check_pow2("vec", vec, 1, 16)
     return PlanePlan(block_j, block_hw, bool(chunked), num_jblocks,
-                     (batch * num_jblocks * splits,), num_warps, splits, slice_len, waves)
+                     (batch * num_jblocks * splits,), num_warps, splits, slice_len, waves, vec)
 
 
 class ReducePlan(NamedTuple):

@@ -129,6 +129,15 @@ def store_shuffled_pair(ptr, base, j, q, s_c, hw_off, mask, qmask, hwmask, y0, y
 
 
 @triton.jit
+def times_vec(v, VEC: tl.constexpr):
+    """A size or stride the host passed divided by VEC, restored: the compiler then knows
+    it is a multiple of VEC, so plane rows start on VEC-element (16-byte) boundaries and
+    their loads and stores can be vectors (14x14 planes: 196 elements, not a multiple of
+    16, which is all Triton's own specialisation recognises)."""
+    return v * VEC
+
+
+@triton.jit
 def as_acc(v, like):
     """A kernel scalar argument (int or float) as a scalar of ``like``'s dtype.
 
