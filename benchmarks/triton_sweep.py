@@ -163,8 +163,9 @@ def tuned_entries(results, min_gain):
 # On the GPU
 
 def _inputs(shape, dtype, cl, device, seed=0, count=None):
-    """Rotated inputs past the L2 (or ``count`` sets): [(x, dy, mean, rstd)], the parameters."""
-    from sa_kernels.backends import triton_kernels
+    """Rotated inputs past the L2 (or ``count`` sets): [(x, dy, mean, rstd)], the parameters.
+    The statistics come from the torch backend (same format), so no Triton kernel compiles here."""
+    from sa_kernels.backends import torch_math
     g = torch.Generator(device=device).manual_seed(seed)
     dims = (shape.batch, shape.channels, shape.height, shape.width)
     half = shape.channels // (2 * shape.groups)
@@ -175,7 +176,7 @@ def _inputs(shape, dtype, cl, device, seed=0, count=None):
     for _ in range(count or rotation_count(4 * nbytes, cache_bytes(device))):  # x, dy, out, dx
         x = torch.randn(dims, device=device, generator=g).to(getattr(torch, dtype), memory_format=fmt)
         dy = torch.randn(dims, device=device, generator=g).to(getattr(torch, dtype), memory_format=fmt)
-        _, mean, rstd = triton_kernels.forward(x, *params, shape.groups, 1e-5)
+        _, mean, rstd = torch_math.forward(x, *params, shape.groups, 1e-5)
         sets.append((x, dy, mean, rstd))
     return sets, params, nbytes
 
@@ -194,30 +195,43 @@ def _call(mode, sets, params, groups):
     return run
 
 
-def _profile(segments, calls):
-    """{name: device µs per call} for [(name, fn)], kernels split by fill-kernel markers."""
+def _device_kernels(functions):
+    """The CUDA kernel events, in device order, of running each function once."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    marker = torch.zeros(1, device="cuda")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _, fn in segments:
-            marker.fill_(1.0)
-            for _ in range(calls):
-                fn()
-        marker.fill_(1.0)
+        for fn in functions:
+            fn()
         torch.cuda.synchronize()
-    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
-                     key=lambda e: e.time_range.start)
+    return sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                  key=lambda e: e.time_range.start)
+
+
+def split_at_markers(events, count, marker="FillFunctor"):
+    """The kernel events between consecutive marker kernels: ``count`` lists, or None."""
     parts, current = [], None
-    for e in kernels:
-        if "FillFunctor" in e.name:
+    for e in events:
+        if marker in e.name:
             if current is not None:
                 parts.append(current)
             current = []
         elif current is not None:
             current.append(e)
-    if len(parts) != len(segments):
-        raise RuntimeError(f"profile split into {len(parts)} parts for {len(segments)} segments")
+    return parts if len(parts) == count else None
+
+
+def _profile(segments, calls):
+    """{name: (device µs, kernels) per call} for [(name, fn making ``calls`` calls)]: one
+    profile, the segments separated by fill kernels; one profile per segment if that split
+    does not come out."""
+    marker = torch.zeros(1, device="cuda")
+    fill = lambda: marker.fill_(1.0)  # noqa: E731
+    runs = [f for _, fn in segments for f in (fill, fn)] + [fill]
+    parts = split_at_markers(_device_kernels(runs), len(segments))
+    if parts is None:
+        print("the fill markers did not split the profile: profiling each segment on its own",
+              flush=True)
+        parts = [_device_kernels([fn]) for _, fn in segments]
     return {name: (sum(e.time_range.elapsed_us() for e in part) / calls, len(part) / calls)
             for (name, _), part in zip(segments, parts)}
 
@@ -236,8 +250,16 @@ def _time_case(shape, dtype, cl, mode, vs, calls):
     segments = [("copy", copy)] + [
         (name, _with_variant(_call(mode, sets, params, shape.groups), fields, limits))
         for name, fields, limits in vs]
+    repeated = [(name, _repeat(fn, calls)) for name, fn in segments]
     torch.cuda.synchronize()
-    return _profile(segments, calls), checks, nbytes
+    return _profile(repeated, calls), checks, nbytes
+
+
+def _repeat(fn, calls):
+    def run():
+        for _ in range(calls):
+            fn()
+    return run
 
 
 def check_variants(mode, inputs, params, groups, vs):

@@ -774,3 +774,13 @@ def test_vec_hint_paths(tdevice, launches, dtype):
     assert bwd[0].constexprs["VEC"] == 4
     with launch_config.override(vec=1):
         check((2, 8, 2, 6), 2, dtype, tdevice)
+
+
+def test_sweep_splits_profile_at_markers():
+    sweep = _sweep_module()
+    names = ["FillFunctor", "copy", "FillFunctor", "fwd", "fwd", "FillFunctor", "FillFunctor"]
+    events = [type("Event", (), {"name": n})() for n in names]
+    parts = sweep.split_at_markers(events, 3)
+    assert [[e.name for e in part] for part in parts] == [["copy"], ["fwd", "fwd"], []]
+    assert sweep.split_at_markers(events, 2) is None
+    assert sweep.split_at_markers(events[1:2], 1) is None
