@@ -140,6 +140,19 @@ def _run_sweep_cases():
                                             shape.groups, 1e-5)
 
 
+def _access_widths(ptx):
+    """Global loads and stores of a kernel's PTX by width, e.g. 'ld v4.b32 x2, b32 x12'."""
+    parts = []
+    for op in ("ld", "st"):
+        kinds = re.findall(rf"\b{op}\.global((?:\.[a-z0-9]+)*)", ptx)
+        counts = {}
+        for k in kinds:
+            k = re.sub(r"\.(L1::\w+|L2::\w+|nc|relaxed|gpu|sys|cta|weak|volatile)", "", k).lstrip(".")
+            counts[k] = counts.get(k, 0) + 1
+        parts.append(f"{op} " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())))
+    return "; ".join(parts)
+
+
 def _resource_usage(cubin):
     """(registers, stack bytes) of a cubin, or None without cuobjdump."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -182,7 +195,8 @@ def main():
             regs, stack = usage
             max_regs = max(max_regs, regs)
             if "--report" in flags:
-                print(f"{regs:4d} registers {stack:5d} stack bytes  {what}", flush=True)
+                print(f"{regs:4d} registers {stack:5d} stack bytes  {what}  "
+                      f"[{_access_widths(compiled.asm['ptx'])}]", flush=True)
             if stack:
                 spilled.append(f"SPILLS {what}: {regs} registers, {stack} bytes of stack")
     if spilled:

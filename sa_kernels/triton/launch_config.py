@@ -31,10 +31,11 @@ Register budget is counted in *values*: elements held x tensors held per element
    the largest power of two that fits ``chunk_values``: two sweeps (statistics,
    then gate/dx), the second one re-reading what the program read just before.
    Split plans always loop over their slice in such chunks.
-4. num_warps: one warp per ``values_per_warp`` tile values (8 per thread), a
-   power of two in [1, 16]. Register counts of the sm_90 cubins were checked
-   with cuobjdump (tests/triton_compile_check.py builds them); no GPU timing
-   went into these numbers.
+4. num_warps: one warp per ``values_per_warp`` tile values (8 per thread), and
+   no more warps than leave each thread one 16-byte vector of each plane tile
+   (block_j x block_hw elements), a power of two in [1, 16]. Register counts and
+   access widths of the sm_90 cubins were checked with Triton's compiler
+   (tests/triton_compile_check.py --report); no GPU timing went into these numbers.
 5. Channel and in-plane offsets are int32 unless a tensor's channels or one
    plane span 2**31 elements (then int64); per-sample offsets are always int64.
 6. VEC (chosen by the backend from the strides, at most ``vec``): NCHW-like planes
@@ -227,8 +228,15 @@ def plan_planes(batch, half_channels, hw, elem_size, fp64, channels_fast, tensor
         else:
             block_hw = hw_block
     tile_values = 2 * block_j * block_hw * vpe
-    num_warps = forced.get("num_warps",
-                           min(16, prev_pow2(max(1, tile_values // lim.values_per_warp))))
+    # At most one warp per values_per_warp tile values, and few enough threads that each
+    # holds a 16-byte vector of every [block_j, block_hw] tile it loads or stores (more
+    # threads split the tile into narrower accesses: sm_90 PTX showed 4- and 8-byte ones).
+    # Only where 16-byte accesses are possible (channels contiguous, or H*W a multiple of
+    # a vector: not 7x7) and not for split planes (fewer warps made ptxas spill there).
+    by_values = tile_values // lim.values_per_warp
+    vectors = splits == 1 and (channels_fast or hw % max(1, 16 // elem_size) == 0)
+    by_vectors = block_j * block_hw * elem_size // (16 * 32) if vectors else by_values
+    num_warps = forced.get("num_warps", min(16, prev_pow2(max(1, min(by_values, by_vectors)))))
     _check_pow2("num_warps", num_warps, 1, 32)
     vec = forced.get("vec", 16)
     _check_pow2("vec", vec, 1, 16)
