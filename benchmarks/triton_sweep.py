@@ -123,9 +123,14 @@ def variants(shape, dtype, channels_last, mode):
                  "num_warps": nw})
     if not channels_last and args[2] % 16 and args[2] % 2 == 0:
         add({"vec": 1})  # without the stride-divisibility hint (14x14: scalar accesses)
-    if mode == "backward" and shape.groups * shape.batch > launch_config.LIMITS.reduce_rows:
-        for rows in (64, 1024, 1 << 30):  # 1 << 30: one reduction program per parameter block
-            add({}, {"reduce_rows": rows})
+    rows = shape.batch * shape.groups
+    if mode == "backward" and rows > 1:  # the parameter-gradient reduction (split rows aside)
+        default = launch_config.plan_param_grads(rows, shape.channels // (2 * shape.groups))
+        for chunk in sorted({max(1, rows // 64), max(1, rows // 16), max(1, rows // 4)}):
+            if default.final is None or chunk != default.rows_per_chunk:
+                add({}, {"reduce_rows": chunk, "reduce_single_rows": 0})  # two stages
+        if default.final is not None:
+            add({}, {"reduce_single_rows": 1 << 30})  # one program per parameter block
     return out
 
 

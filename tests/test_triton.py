@@ -312,7 +312,8 @@ def test_empty_input(tdevice):
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_bitwise_deterministic(tdevice, launches, limits, chunked):
-    limits(min_programs=1, reduce_rows=2, **({"on_chip_values": 128} if chunked else {}))
+    limits(min_programs=1, reduce_rows=2, reduce_single_rows=0,
+           **({"on_chip_values": 128} if chunked else {}))
     ref, fused = _modules(24, 3, tdevice, torch.float32)
     x = random_input((2, 24, 6, 5), torch.float32, tdevice)
     dy = random_input(x.shape, x.dtype, tdevice)
@@ -575,7 +576,7 @@ def test_launches_cached_per_key(tdevice, launches, limits):
 def test_parameter_gradients_two_stage(tdevice, limits, shape, G, reduce_rows):
     """Many (batch, group) rows (4096 at G = 64, batch 64) are summed by a first launch in
     parallel chunks, then in order by a second; the rows here do not divide evenly."""
-    limits(reduce_rows=reduce_rows)
+    limits(reduce_rows=reduce_rows, reduce_single_rows=0)
     plan = launch_config.plan_param_grads(shape[0] * G, shape[1] // (2 * G))
     assert plan.grid[1] > 1 and plan.final is not None and plan.final.grid[1] == 1
     check(shape, G, torch.float32, tdevice)
@@ -584,8 +585,9 @@ def test_parameter_gradients_two_stage(tdevice, limits, shape, G, reduce_rows):
 
 def test_parameter_gradient_plans():
     """Stage-4 and stage-1 shapes (G = 64, batch 64): the first stage spreads the rows over
-    several programs; every row is covered exactly once."""
-    for rows, half in ((4096, 16), (4096, 2), (512, 16), (100, 1), (1, 1)):
+    several programs; every row is covered exactly once. The seed's 512 rows: one stage."""
+    assert launch_config.plan_param_grads(512, 16).final is None
+    for rows, half in ((4096, 16), (4096, 2), (2048, 16), (1025, 1), (100, 1), (1, 1)):
         plan = launch_config.plan_param_grads(rows, half)
         chunks = plan.grid[1]
         assert plan.rows_per_chunk % plan.block_r == 0
@@ -733,7 +735,7 @@ def test_sweep_runs_every_variant(tdevice):
     sweep = _sweep_module()
     tiny = sweep.Shape("tiny", 2, 16, 16, 32, 2)
     with launch_config.override(limits={"split_below": 10 ** 6, "min_split_positions": 64,
-                                        "reduce_rows": 2}):
+                                        "reduce_rows": 2, "reduce_single_rows": 0}):
         plan = [(sweep.case_id(tiny, "float32", True), (tiny, "float32", True), mode,
                  sweep.variants(tiny, "float32", True, mode)) for mode in sweep.MODES]
         kinds = {k for *_, vs in plan for _, fields, limits in vs for k in {**fields, **limits}}

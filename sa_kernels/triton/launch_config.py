@@ -68,6 +68,7 @@ class Limits(NamedTuple):  # a tuple, so hashing it (cache keys) costs one C cal
     split_below: int = 256           # channels_last: split H*W when the grid is smaller than this
     min_split_positions: int = 256   # channels_last: fewest positions in a slice
     reduce_rows: int = 256           # parameter gradients: partial rows per first-stage program
+    reduce_single_rows: int = 1024   # parameter gradients: up to this many rows, one stage
     wave_bytes: int = 0              # split planes: bytes read per launch pair (0: one pair)
 
 
@@ -255,15 +256,18 @@ class ReducePlan(NamedTuple):
 
 def plan_param_grads(rows, half, limits=None):
     """The parameter-gradient reduction: ``rows`` = B * G (times the splits) partial rows,
-    ``half`` parameters. More than ``reduce_rows`` rows: a first stage sums chunks of
-    rows in parallel into partials, a second sums those in order (two launches)."""
+    ``half`` parameters. More than ``reduce_single_rows`` rows (and more than ``reduce_rows``):
+    a first stage sums chunks of ``reduce_rows`` rows in parallel into partials, a second
+    sums those in order (two launches). Otherwise one program per parameter block."""
     lim = LIMITS if limits is None else limits
     block_p = min(next_pow2(half), 64)
-    block_r = min(next_pow2(rows), max(1, 1024 // block_p), prev_pow2(lim.reduce_rows))
+    single = rows <= max(lim.reduce_rows, lim.reduce_single_rows)
+    block_r = min(next_pow2(rows), max(1, 1024 // block_p),
+                  1 << 30 if single else prev_pow2(lim.reduce_rows))
     pblocks = _cdiv(half, block_p)
     rows_per_chunk = _cdiv(max(lim.reduce_rows, block_r), block_r) * block_r
-    chunks = _cdiv(rows, rows_per_chunk)
+    chunks = 1 if single else _cdiv(rows, rows_per_chunk)
     if chunks <= 1:
         return ReducePlan(block_r, block_p, (pblocks, 1), 4, _cdiv(rows, block_r) * block_r, None)
-    final = plan_param_grads(chunks, half, lim._replace(reduce_rows=next_pow2(chunks)))
+    final = plan_param_grads(chunks, half, lim._replace(reduce_single_rows=chunks))
     return ReducePlan(block_r, block_p, (pblocks, chunks), 4, rows_per_chunk, final)
