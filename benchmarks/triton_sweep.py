@@ -23,8 +23,9 @@ and, when built, cuda backends on the seed case.
 Each variant's outputs (on one input set) are compared with the heuristic plan's: one
 that differs by more than rounding is reported and kept out of the TUNED entries.
 Writes ``$OUT/triton_sweep.json`` (or ``--out``) after every case, so a run cut short
-keeps what it measured; prints one line per case and, last, the TUNED entries whose
-best variant beat the heuristic's plan by more than ``--min-gain``.
+keeps what it measured, and starts no case ``--max-seconds`` after compiling; prints
+one line per case and, last, the TUNED entries whose best variant beat the heuristic's
+plan by more than ``--min-gain``.
 """
 import argparse
 import json
@@ -362,11 +363,12 @@ def run(args):
               "results": []}
     import triton
     report["triton"] = triton.__version__
+    t_timing = time.perf_counter()
     if args.host:
         report["host_us_per_call"] = host_cost()
         print("host µs per call:", {k: round(v, 1) for k, v in report["host_us_per_call"].items()})
     for cid, (shape, dtype, cl), mode, vs in plan:
-        if time.perf_counter() - t_start > args.max_seconds:
+        if time.perf_counter() - t_timing > args.max_seconds:
             print(f"time limit reached before {cid} {mode}")
             break
         try:
@@ -414,7 +416,8 @@ def main(argv=None):
                    help="comma-separated substrings of case ids to keep")
     p.add_argument("--calls", type=int, default=5, help="profiled calls per variant")
     p.add_argument("--jobs", type=int, default=12, help="processes compiling the variants first")
-    p.add_argument("--max-seconds", type=float, default=170, help="start no case after this")
+    p.add_argument("--max-seconds", type=float, default=170,
+                   help="start no case this long after the compilation phase")
     p.add_argument("--min-gain", type=float, default=0.05,
                    help="a TUNED entry needs the best variant this much faster than the default")
     p.add_argument("--host", action=argparse.BooleanOptionalAction, default=True,

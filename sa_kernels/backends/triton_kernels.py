@@ -5,11 +5,16 @@
   2j + 1 are adjacent) of one sample, computes each plane's mean and rstd
   (float32, float64 for float64 x), gates the plane and writes it straight to
   its shuffled output channel, plus the (B, C) statistics.
-* backward: TWO launches. ``triton/backward.py`` recomputes the gate from x and
-  the saved statistics, writes dx and per-plane float32 (float64) partial sums
-  into a (2, B, C) workspace; ``triton/param_grads.py`` reduces them over
-  (batch, group) in a fixed order into the six parameter gradients. No atomics:
-  gradients are bitwise reproducible.
+* backward: TWO or THREE launches. ``triton/backward.py`` recomputes the gate
+  from x and the saved statistics, writes dx and per-plane float32 (float64)
+  partial sums into a (2, B, C) workspace; ``triton/param_grads.py`` reduces
+  them over (batch, group) in a fixed order into the six parameter gradients
+  (in two stages when B * G passes 1024 rows). No atomics: gradients are
+  bitwise reproducible.
+* split planes (channels_last with too few (sample, channel block) programs to
+  fill the GPU): H*W is cut into slices; forward and backward each take a
+  launch of per-slice partials and a launch that merges them in a fixed order
+  and writes its slice (``triton/forward_split.py``, ``triton/backward_split.py``).
 
 Launch heuristic (``triton/launch_config.py``, keyed on H*W, C, B, dtype and layout):
 channels_last x gets programs owning a block of channels (>= one 32-byte sector,
@@ -20,10 +25,12 @@ values, keeping >= 512 programs). A tile that fits 16384 register values (x
 elements, times 2 in backward for grad_out, times 2 for float64) is processed
 in one sweep; larger planes (e.g. 112x112 and up in NCHW, 56x56 channels_last)
 take the chunked two-sweep path (Chan-merged statistics, then gate) in chunks
-of up to 4096 values. num_warps: one warp per 256 tile values, 1 to 16. No
-benchmarking at first call, so launches never sync the host and can be
-captured in CUDA graphs. ``launch_config.LIMITS`` holds every threshold (tests
-lower them to reach the packed and chunked paths with tiny shapes).
+of up to 4096 values. num_warps: one warp per 256 tile values, fewer where
+that leaves each thread a 16-byte vector, 1 to 16. No benchmarking at first
+call, so launches never sync the host and can be captured in CUDA graphs.
+``launch_config.LIMITS`` holds every threshold (tests lower them to reach the
+packed, chunked and split paths with tiny shapes); ``launch_config.override``
+and ``launch_config.TUNED`` force plans (the GPU sweep, measured best plans).
 
 Layouts: x, out, grad_out and dx are addressed through their own strides (NCHW,
 channels_last and any other 4-D strides, e.g. ``x[:, :, ::2]``, or grad_out
