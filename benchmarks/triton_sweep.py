@@ -315,15 +315,22 @@ def warm(plan, shard, shards, device="cuda"):
 
 def host_cost(calls=200):
     """Wall µs per call, back to back without synchronising (the host's cost when it
-    exceeds the device's): forward and forward + backward on the seed case."""
+    exceeds the device's): forward and forward + backward on the seed case; the triton
+    backend with and without its direct launches, the cuda backend if built."""
     import sa_kernels
     from sa_kernels import FusedShuffleAttention
+    from sa_kernels.backends import triton_kernels
+    from sa_kernels.triton import launcher
     shape = _BY_NAME["seed"]
     x = torch.randn(shape.batch, shape.channels, shape.height, shape.width, device="cuda")
     out = {}
-    for backend in ("triton", "cuda"):
+    for label, backend, direct in (("triton", "triton", True),
+                                   ("triton (Triton's JIT launch)", "triton", False),
+                                   ("cuda", "cuda", True)):
         if sa_kernels.backends.unavailable_reason(backend, "cuda", build=False) is not None:
             continue
+        launcher.DIRECT = direct
+        triton_kernels.clear_caches()
         module = FusedShuffleAttention(shape.channels, G=shape.groups, backend=backend).cuda()
         xg = x.clone().requires_grad_()
         dy = torch.randn_like(x)
@@ -341,7 +348,9 @@ def host_cost(calls=200):
                 step()
             host = (time.perf_counter() - t0) / calls * 1e6
             torch.cuda.synchronize()
-            out[f"{backend} {mode}"] = host
+            out[f"{label} {mode}"] = host
+    launcher.DIRECT = True
+    triton_kernels.clear_caches()
     return out
 
 

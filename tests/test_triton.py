@@ -538,12 +538,16 @@ def test_kernel_launch_skips_binding_after_first_launch():
     assert len(jit.calls) == 2 and len(compiled.calls) == 1
 
 
-@pytest.mark.parametrize("why", ["interpreter", "not compiled", "keywords not the tail"])
-def test_kernel_launch_falls_back_to_jit(why):
-    from sa_kernels.triton.launcher import KernelLaunch
+@pytest.mark.parametrize("why", ["interpreter", "not compiled", "keywords not the tail",
+                                 "switched off"])
+def test_kernel_launch_falls_back_to_jit(monkeypatch, why):
+    from sa_kernels.triton import launcher
+    if why == "switched off":  # SA_KERNELS_TRITON_DIRECT_LAUNCH=0
+        monkeypatch.setattr(launcher, "DIRECT", False)
     jit = _FakeJit(None if why == "not compiled" else _FakeCompiled())
     constexprs = {"BLOCK": 64} if why == "keywords not the tail" else {"FLAG": True, "BLOCK": 64}
-    launch = KernelLaunch(jit, (6,), 2, (7, 0.5), constexprs, 4, direct=why != "interpreter")
+    launch = launcher.KernelLaunch(jit, (6,), 2, (7, 0.5), constexprs, 4,
+                                   direct=why != "interpreter")
     a, b = torch.zeros(8), torch.zeros(8)
     for _ in range(3):
         launch(a, b)

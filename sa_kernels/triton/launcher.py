@@ -11,9 +11,14 @@ on the first call for each alignment pattern of its tensors, keeps the
 Same kernel binary, same arguments, same stream; no host synchronisation.
 
 The direct path is used on CUDA devices only; under the interpreter (CPU
-tensors) and wherever Triton returns something other than a compiled kernel,
-every call goes through ``kernel[grid]`` as before.
+tensors), wherever Triton returns something other than a compiled kernel, and
+with ``SA_KERNELS_TRITON_DIRECT_LAUNCH=0`` in the environment (read at import;
+or ``DIRECT = False`` before launches are built), every call goes through
+``kernel[grid]`` as before.
 """
+import os
+
+DIRECT = os.environ.get("SA_KERNELS_TRITON_DIRECT_LAUNCH", "1") != "0"
 
 
 class KernelLaunch:
@@ -36,7 +41,7 @@ class KernelLaunch:
         self.num_warps = num_warps
         self.compiled = {}  # alignment pattern of the tensors -> CompiledKernel
         self.tail = None
-        self.direct = bool(direct)
+        self.direct = bool(direct) and DIRECT
         if self.direct:
             # The launcher takes every parameter in signature order, constexprs included.
             names = list(getattr(kernel, "arg_names", ()))
