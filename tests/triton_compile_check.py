@@ -3,6 +3,9 @@ CUDA cubin, without a GPU: the interpreter accepts programs the real compiler re
 (types, layouts, fp64 lowering), so this is the check that the kernels build for sm_XX.
 
     python tests/triton_compile_check.py [arch]      # arch defaults to 90 (H100)
+    python tests/triton_compile_check.py 90 --sweep --report   # also every variant the GPU
+        # sweep (benchmarks/triton_sweep.py) times; one line per variant: registers, stack.
+        # Spills in the sweep's variants are listed, not fatal: the sweep measures them.
 
 It runs the backend's host code on CPU tensors with the launches captured, specialises
 each launch's arguments exactly as Triton's JIT would on a GPU (ints equal to 1 become
@@ -85,7 +88,13 @@ def _run_cases():
         ((8, 256, 56, 56), 8, torch.float16, torch.contiguous_format, {}, None),
         ((8, 256, 56, 56), 8, torch.bfloat16, torch.channels_last, {}, None),
         ((64, 256, 8, 8), 8, torch.float32, torch.contiguous_format, {}, None),
+        ((2, 64, 14, 14), 8, torch.float32, torch.contiguous_format, {}, None),   # VEC = 4
+        ((2, 64, 14, 14), 8, torch.bfloat16, torch.contiguous_format, {}, None),
+        ((64, 2048, 7, 7), 64, torch.bfloat16, torch.contiguous_format, {}, None),
         ((2, 64, 256, 256), 8, torch.float32, torch.contiguous_format, {}, None),
+        # channels_last with few (sample, block) programs: split planes
+        ((2, 64, 128, 128), 8, torch.float32, torch.channels_last, {}, None),
+        ((1, 64, 256, 256), 8, torch.bfloat16, torch.channels_last, {}, None),
     ]
     for shape, G, dtype, fmt, limits, view in cases:
         launch_config.LIMITS = launch_config.Limits(**limits)
@@ -102,8 +111,46 @@ def _run_cases():
     launch_config.LIMITS = launch_config.Limits()
     # in-plane int64 offsets
     triton_kernels._needs_int64 = lambda *tensors: True
+    triton_kernels.clear_caches()
     triton_kernels.forward(x, *params, G, 1e-5)
     triton_kernels.backward(dy, x, *params, mean, rstd, G, 1e-5)
+
+
+def _run_sweep_cases():
+    """Host code of every variant benchmarks/triton_sweep.py times, on uninitialised CPU
+    tensors of the real shapes (nothing is touched: the launches are captured)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks",
+                        "triton_sweep.py")
+    spec = importlib.util.spec_from_file_location("triton_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    for _, (shape, dtype, cl), mode, variants in sweep.sweep_plan():
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        dims = (shape.batch, shape.channels, shape.height, shape.width)
+        x = torch.empty(dims, dtype=getattr(torch, dtype), memory_format=fmt)
+        params = [torch.empty(shape.channels // (2 * shape.groups)) for _ in range(6)]
+        mean = torch.empty(dims[:2])
+        for _, fields, limits in variants:
+            with launch_config.override(limits=limits or None, **fields):
+                if mode == "forward":
+                    triton_kernels.forward(x, *params, shape.groups, 1e-5)
+                else:
+                    triton_kernels.backward(torch.empty_like(x), x, *params, mean, mean,
+                                            shape.groups, 1e-5)
+
+
+def _access_widths(ptx):
+    """Global loads and stores of a kernel's PTX by width, e.g. 'ld v4.b32 x2, b32 x12'."""
+    parts = []
+    for op in ("ld", "st"):
+        kinds = re.findall(rf"\b{op}\.global((?:\.[a-z0-9]+)*)", ptx)
+        counts = {}
+        for k in kinds:
+            k = re.sub(r"\.(L1::\w+|L2::\w+|nc|relaxed|gpu|sys|cta|weak|volatile)", "", k).lstrip(".")
+            counts[k] = counts.get(k, 0) + 1
+        parts.append(f"{op} " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())))
+    return "; ".join(parts)
 
 
 def _resource_usage(cubin):
@@ -121,11 +168,20 @@ def _resource_usage(cubin):
 
 
 def main():
-    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    flags = {a for a in sys.argv[1:] if a.startswith("--")}
+    positional = [a for a in sys.argv[1:] if not a.startswith("--")]
+    arch = int(positional[0]) if positional else 90
     target = GPUTarget("cuda", arch, 32)
     triton_kernels._kernels = tuple(_Capture(k) for k in triton_kernels._load_kernels())
+    triton_kernels._split_kernels = tuple(_Capture(k) for k in triton_kernels._load_split_kernels())
+    needs_int64 = triton_kernels._needs_int64
     _run_cases()
+    if "--sweep" in flags:
+        triton_kernels.clear_caches()
+        triton_kernels._needs_int64 = needs_int64  # _run_cases forced the int64 variant last
+        _run_sweep_cases()
     max_regs = 0
+    spilled = []
     for fn, spec, constexprs, num_warps in _variants.values():
         what = f"{fn.__name__} {constexprs} num_warps={num_warps}"
         try:
@@ -138,9 +194,15 @@ def main():
         if usage is not None:
             regs, stack = usage
             max_regs = max(max_regs, regs)
+            if "--report" in flags:
+                print(f"{regs:4d} registers {stack:5d} stack bytes  {what}  "
+                      f"[{_access_widths(compiled.asm['ptx'])}]", flush=True)
             if stack:
-                print(f"SPILLS {what}: {regs} registers, {stack} bytes of stack")
-                raise SystemExit(1)
+                spilled.append(f"SPILLS {what}: {regs} registers, {stack} bytes of stack")
+    if spilled:
+        print("\n".join(spilled))
+        if "--sweep" not in flags:  # the sweep times some spilling variants on purpose
+            raise SystemExit(1)
     print(f"compiled {len(_variants)} kernel variants for sm_{arch}"
           f" (at most {max_regs} registers per thread, no spills)")
 

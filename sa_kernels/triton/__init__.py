@@ -4,8 +4,12 @@
 * ``forward``: the one-launch forward kernel.
 * ``backward``: the per-plane backward kernel (dx and per-plane partial sums).
 * ``param_grads``: the small kernel reducing those partial sums into the six parameter gradients.
-* ``launch_config``: the launch heuristic (pure Python, importable without Triton).
+* ``forward_split``, ``backward_split``: the two-launch kernels for split planes (channels_last
+  with too few programs otherwise): per-slice partials, then a fixed-order merge per plane.
+* ``launch_config``: the launch heuristic, its overrides and TUNED table (pure Python,
+  importable without Triton).
+* ``launcher``: ``KernelLaunch``, a launch with its plan's arguments fixed (pure Python).
 
-Importing these modules (except ``launch_config``) imports Triton, so the
+Importing these modules (except ``launch_config`` and ``launcher``) imports Triton, so the
 backend imports them lazily.
 """

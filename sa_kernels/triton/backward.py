@@ -11,6 +11,8 @@ plane, with s the gate, dt = dy * x * s * (1 - s), xhat = (x - mean) * rstd:
 The partials go to ``ws`` (2, B, C): ws[0] = S1, ws[1] = S2 on spatial planes and
 S1 * mean on channel planes (what dcweight sums); ``param_grads`` reduces them.
 
+VEC: HW and the sample and channel strides arrive divided by VEC (``times_vec``).
+
 CHUNKED = False: x and dy of the whole plane stay in registers (read once, dx
 written once). CHUNKED = True: sweep 1 accumulates S1, S2 chunk by chunk, sweep
 2 re-reads x and dy and writes dx.
@@ -19,7 +21,8 @@ import triton
 import triton.language as tl
 
 from .plane_math import (as_acc, chunk_indices, gate_coefficients, gate_grad, load_pair,
-                         load_shuffled_pair, program_planes, spatial_offsets, store_pair)
+                         load_shuffled_pair, program_planes, spatial_offsets, store_pair,
+                         times_vec)
 
 
 @triton.jit
@@ -57,7 +60,15 @@ def shuffle_attention_backward_kernel(
         dx_sb, dx_sc, dx_sh, dx_sw,
         BLOCK_J: tl.constexpr, BLOCK_HW: tl.constexpr, CHUNKED: tl.constexpr,
         X_FLAT: tl.constexpr, DY_FLAT: tl.constexpr, DX_FLAT: tl.constexpr,
-        DY_INTERLEAVED: tl.constexpr, I64: tl.constexpr):
+        DY_INTERLEAVED: tl.constexpr, I64: tl.constexpr, VEC: tl.constexpr):
+    # HW and the sample and channel strides arrive divided by VEC (see times_vec).
+    HW = times_vec(HW, VEC)
+    x_sb = times_vec(x_sb, VEC)
+    x_sc = times_vec(x_sc, VEC)
+    dy_sb = times_vec(dy_sb, VEC)
+    dy_sc = times_vec(dy_sc, VEC)
+    dx_sb = times_vec(dx_sb, VEC)
+    dx_sc = times_vec(dx_sc, VEC)
     b, j, jmask, q, qmask = program_planes(num_jblocks, C2, BLOCK_J)
     x_base = b * x_sb
     dy_base = b * dy_sb

@@ -5,6 +5,8 @@ Program ``pid`` owns sample ``b = pid // num_jblocks`` and the channel pairs
 It computes each plane's mean and rstd, writes them to the (B, C) statistics,
 and writes ``x * gate`` to the shuffled output channels 2j and 2j + 1.
 
+VEC: HW and the sample and channel strides arrive divided by VEC (``times_vec``).
+
 CHUNKED = False: the whole plane is one [BLOCK_J, BLOCK_HW >= H*W] tile held in
 registers; x is read once. CHUNKED = True (planes too large for that): sweep 1
 merges per-chunk statistics (Chan et al.), sweep 2 re-reads x, gates and writes.
@@ -14,7 +16,7 @@ import triton.language as tl
 
 from .plane_math import (as_acc, chunk_indices, gate, gate_coefficients, load_pair,
                          merge_chunk_stats, program_planes, reciprocal_sqrt, spatial_offsets,
-                         store_shuffled_pair)
+                         store_shuffled_pair, times_vec)
 
 
 @triton.jit
@@ -39,7 +41,13 @@ def shuffle_attention_forward_kernel(
         o_sb, o_sc, o_sh, o_sw,
         BLOCK_J: tl.constexpr, BLOCK_HW: tl.constexpr, CHUNKED: tl.constexpr,
         X_FLAT: tl.constexpr, OUT_FLAT: tl.constexpr, OUT_INTERLEAVED: tl.constexpr,
-        I64: tl.constexpr):
+        I64: tl.constexpr, VEC: tl.constexpr):
+    # HW and the sample and channel strides arrive divided by VEC (see times_vec).
+    HW = times_vec(HW, VEC)
+    x_sb = times_vec(x_sb, VEC)
+    x_sc = times_vec(x_sc, VEC)
+    o_sb = times_vec(o_sb, VEC)
+    o_sc = times_vec(o_sc, VEC)
     b, j, jmask, q, qmask = program_planes(num_jblocks, C2, BLOCK_J)
     x_base = b * x_sb
     o_base = b * o_sb

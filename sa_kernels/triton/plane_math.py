@@ -28,6 +28,19 @@ def program_planes(num_jblocks, C2, BLOCK_J: tl.constexpr):
 
 
 @triton.jit
+def split_program(index, num_jblocks, splits, C2, BLOCK_J: tl.constexpr):
+    """``program_planes`` for split planes: unit ``index`` = (b * num_jblocks + jblock) * splits
+    + s owns slice ``s`` of the pairs' planes; returns (b, j, jmask, q, qmask, s)."""
+    s = index % splits
+    group = index // splits
+    b = (group // num_jblocks).to(tl.int64)
+    j0 = (group % num_jblocks) * BLOCK_J
+    j = j0 + tl.arange(0, BLOCK_J)
+    q = 2 * j0 + tl.arange(0, 2 * BLOCK_J)
+    return b, j, j < C2, q, q < 2 * C2, s
+
+
+@triton.jit
 def chunk_indices(start, HW, jmask, BLOCK_HW: tl.constexpr):
     """Spatial indices ``hw`` of the chunk starting at ``start``, their mask, and the
     [BLOCK_J, BLOCK_HW] tile mask."""
@@ -116,6 +129,15 @@ def store_shuffled_pair(ptr, base, j, q, s_c, hw_off, mask, qmask, hwmask, y0, y
 
 
 @triton.jit
+def times_vec(v, VEC: tl.constexpr):
+    """A size or stride the host passed divided by VEC, restored: the compiler then knows
+    it is a multiple of VEC, so plane rows start on VEC-element (16-byte) boundaries and
+    their loads and stores can be vectors (14x14 planes: 196 elements, not a multiple of
+    16, which is all Triton's own specialisation recognises)."""
+    return v * VEC
+
+
+@triton.jit
 def as_acc(v, like):
     """A kernel scalar argument (int or float) as a scalar of ``like``'s dtype.
 
@@ -143,10 +165,20 @@ def sigmoid(z):
 
 
 @triton.jit
-def merge_chunk_stats(mean_a, m2_a, n_a, x, mask, n_b):
-    """Chan et al.'s pairwise merge of running per-row statistics with one chunk.
+def merge_stats(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Chan et al.'s pairwise merge of (count, mean, sum of squared deviations) statistics.
+    With n_a = 0 the result is exactly (mean_b, m2_b)."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / n)
+    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / n)
+    return mean, m2
 
-    (n_a, mean_a, m2_a): count, mean and sum of squared deviations so far;
+
+@triton.jit
+def merge_chunk_stats(mean_a, m2_a, n_a, x, mask, n_b):
+    """Running per-row statistics (n_a, mean_a, m2_a) merged with one chunk (``merge_stats``).
+
     ``x`` a [rows, BLOCK_HW] chunk with ``n_b`` valid columns (masked ones hold 0).
     The chunk's own M2 is taken around the chunk mean (two passes over registers),
     never as E[x^2] - E[x]^2. With n_a = 0 the result is exactly the chunk's.
@@ -154,11 +186,7 @@ def merge_chunk_stats(mean_a, m2_a, n_a, x, mask, n_b):
     mean_b = tl.sum(x, axis=1) / n_b
     d = tl.where(mask, x - mean_b[:, None], 0.0)
     m2_b = tl.sum(d * d, axis=1)
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (n_b / n)
-    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / n)
-    return mean, m2
+    return merge_stats(mean_a, m2_a, n_a, mean_b, m2_b, n_b)
 
 
 @triton.jit
