@@ -38,11 +38,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sa_kernels.bench.cases import FULL_SHAPES, Shape  # noqa: E402
+from sa_kernels.bench.cases import LARGE, NECK, SEED, STAGES, Shape  # noqa: E402
 from sa_kernels.bench.timing import cache_bytes, rotation_count  # noqa: E402
 from sa_kernels.triton import launch_config  # noqa: E402
 
 MODES = ("forward", "backward")
+FULL_SHAPES = (SEED, *STAGES, NECK, LARGE)  # the benchmark suite's GPU shapes
 _BY_NAME = {s.name: s for s in FULL_SHAPES}
 # (shape, dtype, channels_last): the benchmark suite's cases, plus channels_last at batch 8
 # and 1 (few programs: split planes) and the SA-ResNet-50 stages a channels_last model runs.
