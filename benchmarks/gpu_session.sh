@@ -25,7 +25,7 @@
 #
 # Environment knobs (defaults in brackets): SESSION_SECONDS [510]; GPU_TESTS [tests/test_cuda.py
 # tests/test_triton.py tests/test_cuda_ext.py tests/test_module.py tests/test_native.py
-# tests/test_ops.py]; TEST_WORKERS [12];
+# tests/test_ops.py tests/test_fuse_model.py]; TEST_WORKERS [12];
 # CPU_THREADS [1] (bench-cpu: torch.set_num_threads; "default" for torch's default);
 # SANITIZE_TESTS [tests/test_cuda.py]; SANITIZE_K [see below]; BENCH_KERNEL_ARGS and
 # BENCH_MODEL_ARGS (extra pytest arguments); TORCH_CUDA_ARCH_LIST [9.0]; MAX_JOBS [16].
@@ -48,7 +48,7 @@ SESSION_SECONDS=${SESSION_SECONDS:-510}
 SIMULATED=0
 now() { echo $((SECONDS + SIMULATED)); }
 DEADLINE=$((SECONDS + SESSION_SECONDS))
-GPU_TESTS=${GPU_TESTS:-tests/test_cuda.py tests/test_triton.py tests/test_cuda_ext.py tests/test_module.py tests/test_native.py tests/test_ops.py}
+GPU_TESTS=${GPU_TESTS:-tests/test_cuda.py tests/test_triton.py tests/test_cuda_ext.py tests/test_module.py tests/test_native.py tests/test_ops.py tests/test_fuse_model.py}
 TEST_WORKERS=${TEST_WORKERS:-12}
 SANITIZE_TESTS=${SANITIZE_TESTS:-tests/test_cuda.py}
 # Every kernel path (warp, block, vectorised, two-sweep, channels_last, strided), forward and

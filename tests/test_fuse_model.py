@@ -657,3 +657,19 @@ def test_fuse_model_on_a_shuffle_attention_root():
     assert isinstance(fused, FusedShuffleAttention)
     x = random_input((1, 16, 3, 3), torch.float32, "cpu")
     torch.testing.assert_close(fused(x), ref(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs in a GPU session)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_already_on_a_gpu_is_checked_and_swapped_there(dtype):
+    model = nn.Sequential(randomise(OfficialSALayer(64, 4)), randomise(WrongShuffle(64, 4))).to("cuda", dtype)
+    rng = torch.cuda.get_rng_state()
+    _, report = fuse_model(model, report=True)
+    assert [n for n, _ in report.swapped] == ["0"] and report.skipped[0][:2] == ("1", "WrongShuffle")
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
+    assert model[0].cweight.device.type == "cuda" and model[0].cweight.dtype == dtype
+    x = random_input((2, 64, 9, 7), dtype, "cuda")
+    with torch.no_grad():
+        original = OfficialSALayer(64, 4).to("cuda", dtype)
+        original.load_state_dict(model[0].state_dict())
+        torch.testing.assert_close(model[0](x), original(x), **TOLERANCES[dtype])
