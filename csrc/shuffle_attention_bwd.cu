@@ -3,8 +3,9 @@
 // Launch 1 (one of three paths, as in the forward): per plane, recompute the gate from
 // x and the saved (mean, rstd), reduce S1 = sum(dt) and S2 = sum(dt * xhat), write dx
 // and the plane's two partial sums to a (B, C, 2) workspace.
-// Launch 2: one warp per parameter index sums the partials over (batch, group) in a
-// fixed order (no atomics: bitwise reproducible) and writes the six gradients.
+// Launch 2: a team (a warp, or the whole block) per parameter index sums the partials
+// over (batch, group) in a fixed order (no atomics: bitwise reproducible) and writes the
+// six gradients.
 // grad_out is read at the output channel o(c) of input plane c.
 #include <cstdint>
 
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(kBlock) backward_held_kernel(const BackwardPar
     team_allreduce<TEAM>(sums, smem);
     const Acc s1 = sums[0];
     const Acc s2 = sums[1] * rstd;
-    if (rank == 0) write_partials(p.partials, plane, gate.spatial, s1, s2, mean);
+    if (rank == 0) write_partials(p, plane, gate.spatial, s1, s2, mean);
 
     const GradCoefficients<Acc> k = grad_coefficients(p.gate, gate, rstd, s1, s2, inv_n);
     P* dx = reinterpret_cast<P*>(p.grad_x + b * p.grad_x_stride.b + c * p.grad_x_stride.c);
@@ -133,7 +134,7 @@ __global__ void __launch_bounds__(kBlock) backward_two_sweep_kernel(const Backwa
     block_allreduce(sums, smem);
     const Acc s1 = sums[0];
     const Acc s2 = sums[1] * rstd;
-    if (threadIdx.x == 0) write_partials(p.partials, plane, gate.spatial, s1, s2, mean);
+    if (threadIdx.x == 0) write_partials(p, plane, gate.spatial, s1, s2, mean);
 
     const GradCoefficients<Acc> k = grad_coefficients(p.gate, gate, rstd, s1, s2, inv_n);
     T* dx = p.grad_x + b * p.grad_x_stride.b + c * p.grad_x_stride.c;
@@ -261,7 +262,7 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_kernel(const Ba
         s2 += partial[i][1][r][lane];
       }
       s2 *= rstd_i;
-      write_partials(p.partials, b * channels + i * half_c + j, gate_i.spatial, s1, s2, mean_i);
+      write_partials(p, b * channels + i * half_c + j, gate_i.spatial, s1, s2, mean_i);
       coefficients[i][lane] = grad_coefficients(p.gate, gate_i, rstd_i, s1, s2, inv_n);
     }
     __syncthreads();
@@ -293,34 +294,48 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_kernel(const Ba
   }
 }
 
-// One warp per parameter index k: sums the partials of its channel plane
-// (g * 2 * half + k) and spatial plane (+ half) over (batch, group) in a fixed order.
-template <typename T>
+// Rows of partials each thread of the parameter-gradient kernel loads before adding any.
+constexpr int kParamUnroll = 8;
+
+// A team of TEAM threads per parameter index k (a warp, or the whole block) sums its
+// B * G rows of partials (partial_slot: one contiguous run of 4-value rows): thread
+// `rank` adds rows rank, rank + TEAM, ... in increasing order, kUnroll vector loads in
+// flight at a time, then a fixed tree over the team. The order depends on TEAM only,
+// never on the grid: bitwise reproducible.
+template <typename T, int TEAM>
 __global__ void __launch_bounds__(kBlock) param_grad_kernel(const BackwardParams<T> p) {
   using Acc = acc_t<T>;
-  const int64_t half = p.gate.half;
-  const int64_t channels = p.shape.channels;
-  const int64_t groups = channels / (2 * half);
-  const int64_t terms = p.shape.batch * groups;
-  const int warp = threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
+  using Row = Pack<Acc, 4>;  // channel S1, channel S1 * mean, spatial S1, spatial S2
+  constexpr int kTeams = kBlock / TEAM;
+  constexpr int kUnroll = kParamUnroll;
+  __shared__ Acc smem[kBlockWarps * 4];
 
-  for (int64_t k = int64_t(blockIdx.x) * kBlockWarps + warp; k < half;
-       k += int64_t(gridDim.x) * kBlockWarps) {  // warp-uniform
-    // Channel-plane S1, channel-plane S1 * mean, spatial-plane S1, spatial-plane S2.
+  const int64_t half = p.gate.half;
+  const int64_t rows = partial_rows(p);
+  const int team = threadIdx.x / TEAM;
+  const int rank = threadIdx.x % TEAM;
+
+  for (int64_t k = int64_t(blockIdx.x) * kTeams + team; k < half;
+       k += int64_t(gridDim.x) * kTeams) {  // uniform over a team
+    const Row* src = reinterpret_cast<const Row*>(p.partials) + k * rows;
     Acc sums[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
-    for (int64_t t = lane; t < terms; t += kWarp) {
-      const int64_t b = t / groups;
-      const int64_t g = t % groups;
-      const Acc* channel_plane = p.partials + 2 * (b * channels + g * 2 * half + k);
-      const Acc* spatial_plane = channel_plane + 2 * half;
-      sums[0] += channel_plane[0];
-      sums[1] += channel_plane[1];
-      sums[2] += spatial_plane[0];
-      sums[3] += spatial_plane[1];
+    for (int64_t r0 = rank; r0 < rows; r0 += int64_t(TEAM) * kUnroll) {
+      Row in[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t r = r0 + int64_t(u) * TEAM;
+        if (r < rows) in[u] = src[r];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (r0 + int64_t(u) * TEAM < rows) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) sums[i] += in[u].v[i];
+        }
+      }
     }
-    warp_allreduce(sums);
-    if (lane == 0) {
+    team_allreduce<TEAM>(sums, smem);
+    if (rank == 0) {
       const Acc sweight = p.gate.sweight[k];
       p.grads.cweight[k] = sums[1];
       p.grads.cbias[k] = sums[0];
@@ -330,6 +345,18 @@ __global__ void __launch_bounds__(kBlock) param_grad_kernel(const BackwardParams
       p.grads.gn_bias[k] = sweight * sums[2];
     }
   }
+}
+
+// A block per parameter index once a warp would need more than one round of loads.
+template <typename T>
+cudaError_t launch_param_grads(const BackwardParams<T>& p, cudaStream_t stream) {
+  constexpr int64_t kWarpRows = kWarp * kParamUnroll;  // a warp's rows per round of loads
+  const int64_t rows = p.shape.batch * p.shape.channels / (2 * p.gate.half);
+  const Variant v = Variant::decode(p.variant);
+  const bool per_block = v.reduce == Variant::kReduceBlock ||
+                         (v.reduce != Variant::kReduceWarp && rows > kWarpRows);
+  if (per_block) return launch(param_grad_kernel<T, kBlock>, p.gate.half, stream, p);
+  return launch(param_grad_kernel<T, kWarp>, ceil_div(p.gate.half, kBlockWarps), stream, p);
 }
 
 template <typename T>
@@ -385,7 +412,7 @@ cudaError_t shuffle_attention_backward(const BackwardParams<T>& p, cudaStream_t 
   }
   const cudaError_t err = launch_dx(p, stream);
   if (err != cudaSuccess) return err;
-  return launch(param_grad_kernel<T>, ceil_div(p.gate.half, kBlockWarps), stream, p);
+  return launch_param_grads(p, stream);
 }
 
 template cudaError_t shuffle_attention_backward<float>(const BackwardParams<float>&, cudaStream_t);

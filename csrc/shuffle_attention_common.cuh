@@ -258,13 +258,33 @@ __device__ __forceinline__ GradCoefficients<Acc> grad_coefficients(const GatePar
   return {-gate.alpha * s1 * inv_n, -gate.alpha * rstd * s2 * inv_n};
 }
 
+// Where plane (b, c) = plane keeps its two partial sums in the backward's workspace,
+// laid out (half, rows, 4) for the parameter-gradient kernel: with 2 * half channels
+// per group, the plane's row is r = b * G + g = plane / (2 * half), its parameter index
+// k = c % half, and channel planes (c % (2 * half) < half) take values 0 and 1 of the
+// row, spatial planes 2 and 3. So each parameter index's B * G rows are one contiguous
+// run of 4-value rows, read with one vector load a row.
+__device__ __forceinline__ int64_t partial_slot(int64_t plane, int64_t half, int64_t rows) {
+  const int64_t row = plane / (2 * half);
+  const int64_t kk = plane - row * 2 * half;
+  const int64_t branch = kk < half ? 0 : 1;
+  return ((kk - branch * half) * rows + row) * 4 + branch * 2;
+}
+
+// The backward's rows: B * G = B * C / (2 * half).
+template <typename T>
+__device__ __forceinline__ int64_t partial_rows(const BackwardParams<T>& p) {
+  return p.shape.batch * p.shape.channels / (2 * p.gate.half);
+}
+
 // What the parameter-gradient kernel sums over (batch, group) for this plane: S1 and,
 // for channel planes S1 * mean, for spatial planes S2.
-template <typename Acc>
-__device__ __forceinline__ void write_partials(Acc* partials, int64_t plane, bool spatial,
-                                               Acc s1, Acc s2, Acc mean) {
-  partials[2 * plane] = s1;
-  partials[2 * plane + 1] = spatial ? s2 : s1 * mean;
+template <typename T, typename Acc>
+__device__ __forceinline__ void write_partials(const BackwardParams<T>& p, int64_t plane,
+                                               bool spatial, Acc s1, Acc s2, Acc mean) {
+  Acc* slot = p.partials + partial_slot(plane, p.gate.half, partial_rows(p));
+  slot[0] = s1;
+  slot[1] = spatial ? s2 : s1 * mean;
 }
 
 // ---- deterministic reductions -------------------------------------------------------

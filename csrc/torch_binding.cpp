@@ -32,6 +32,12 @@ std::atomic<int64_t> g_register_plane_limit{-1};
 
 int64_t set_register_plane_limit(int64_t limit) { return g_register_plane_limit.exchange(limit); }
 
+// Kernel family forced where several could run (sa_kernels::Variant; 0: the launchers'
+// choice). A test and measurement hook, set through sa_kernels::cuda_set_variant.
+std::atomic<int64_t> g_variant{0};
+
+int64_t set_variant(int64_t variant) { return g_variant.exchange(variant); }
+
 template <typename T> struct Tag { using type = T; };
 
 // Calls f(Tag<T>{}) with the kernel element type of `dtype`.
@@ -137,6 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
     p.shape = shape_of(x);
     p.eps = eps;
     p.register_plane_limit = g_register_plane_limit.load();
+    p.variant = g_variant.load();
     check_launch(shuffle_attention_forward<T>(p, stream), op);
   });
   return {out, mean, rstd};
@@ -206,6 +213,7 @@ cuda_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
                acc_grads[4].data_ptr<Acc>(), acc_grads[5].data_ptr<Acc>()};
     p.shape = shape_of(x);
     p.register_plane_limit = g_register_plane_limit.load();
+    p.variant = g_variant.load();
     check_launch(shuffle_attention_backward<T>(p, stream), op);
   });
 
@@ -231,6 +239,7 @@ TORCH_LIBRARY_FRAGMENT(sa_kernels, m) {
       "float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Test hook: returns the previous limit.
   m.def("cuda_set_register_plane_limit(int limit) -> int", &sa_kernels::set_register_plane_limit);
+  m.def("cuda_set_variant(int variant) -> int", &sa_kernels::set_variant);
 }
 
 TORCH_LIBRARY_IMPL(sa_kernels, CUDA, m) {

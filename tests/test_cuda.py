@@ -4,6 +4,7 @@ and the Triton backend; determinism, CUDA graphs, torch.compile, opcheck, empty 
 Skipped without a CUDA device. Where sa_kernels._C was not built, the first test builds
 the extension (a few minutes, cached by torch).
 """
+from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
 import pytest
@@ -47,6 +48,8 @@ class Case(NamedTuple):
     backward_kernel: tuple
     limit: int = -1  # register_plane_limit
     dy_format: torch.memory_format = torch.contiguous_format
+    variant: int = 0  # the measurement hook (csrc/shuffle_attention.h, Variant)
+    param_team: int = 32  # threads per parameter index in the parameter-gradient kernel
 
 
 def _x(shape, memory_format=torch.contiguous_format):
@@ -85,6 +88,9 @@ def _large_held(dtype):
     return random_input((2, 8) + LARGE_HW[dtype], dtype, "cuda")
 
 
+# Variant fields (csrc/shuffle_attention.h, Variant): the measurement hook's integer.
+REDUCE_WARP, REDUCE_BLOCK = 1 << 4, 2 << 4
+
 HELD_F, HELD_B = "forward_held_kernel", "backward_held_kernel"
 SWEEP_F, SWEEP_B = "forward_two_sweep_kernel", "backward_two_sweep_kernel"
 NHWC_F, NHWC_B = "forward_channels_last_kernel", "backward_channels_last_kernel"
@@ -107,6 +113,12 @@ CASES = {
     "permuted": Case(_permuted((2, 16, 10, 12)), 2, (SWEEP_F, 1, "true"), (SWEEP_B, 1, "true")),
     "sliced_w": Case(_sliced_w((2, 16, 6, 9)), 2, (SWEEP_F, 1, "true"), (SWEEP_B, 1, "true")),
     "channel_slice": Case(_channel_slice((2, 16, 8, 8), 4), 2, (HELD_F, 1, 2, 32), (HELD_B, 1, 2, 32)),
+    # B * G = 288 rows: a block per parameter index; then the same forced to a warp.
+    "param_block": Case(_x((9, 64, 2, 3)), 32, (HELD_F, 1, 2, 32), (HELD_B, 1, 2, 32), param_team=256),
+    "param_warp_forced": Case(_x((9, 64, 2, 3)), 32, (HELD_F, 1, 2, 32), (HELD_B, 1, 2, 32),
+                              variant=REDUCE_WARP),
+    "param_block_forced": Case(_x((5, 160, 3, 3)), 8, (HELD_F, 1, 2, 32), (HELD_B, 1, 2, 32),
+                               variant=REDUCE_BLOCK, param_team=256),
 }
 
 
@@ -125,14 +137,26 @@ def make_problem(case, dtype):
     return ref, fused, x, dy
 
 
-def run_fused(fused, x, dy, limit=-1, call=None):
+@contextmanager
+def kernel_settings(case=None):
+    """The case's test hooks (register_plane_limit, variant) for the duration of the block."""
+    limit, variant = (-1, 0) if case is None else (case.limit, case.variant)
+    with cuda_ext.register_plane_limit(limit):
+        previous = torch.ops.sa_kernels.cuda_set_variant(int(variant))
+        try:
+            yield
+        finally:
+            torch.ops.sa_kernels.cuda_set_variant(previous)
+
+
+def run_fused(fused, x, dy, case=None, call=None):
     """Like helpers.fused_outputs, but x reaches the op exactly as given: fused_outputs clones
     it, which re-aligns a misaligned view and makes a non-dense slice contiguous, so those
     cases would never reach their kernels. x.detach() shares storage, strides and offset.
     ``call`` runs the forward instead of ``fused`` (e.g. its torch.compile'd form)."""
     x = x.detach().requires_grad_()
     fused.zero_grad(set_to_none=True)
-    with cuda_ext.register_plane_limit(limit):
+    with kernel_settings(case):
         out = (fused if call is None else call)(x)
         out.backward(dy)
     return out.detach(), x.grad, {n: p.grad for n, p in fused.named_parameters()}
@@ -146,7 +170,7 @@ REFERENCE_CASES = list(CASES)
 def test_matches_reference(case_name, dtype):
     case = CASES[case_name]
     ref, fused, x, dy = make_problem(case, dtype)
-    assert_close_to_reference(ref, x, dy, run_fused(fused, x, dy, case.limit))
+    assert_close_to_reference(ref, x, dy, run_fused(fused, x, dy, case))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -157,7 +181,7 @@ def test_matches_triton(case_name, dtype):
         pytest.skip(f"triton backend: {reason}")
     case = CASES[case_name]
     ref, fused, x, dy = make_problem(case, dtype)
-    out, dx, grads = run_fused(fused, x, dy, case.limit)
+    out, dx, grads = run_fused(fused, x, dy, case)
     t_out, t_dx, t_grads = run_fused(FusedShuffleAttention.from_module(ref, backend="triton"), x, dy)
     # Each is within TOLERANCES of the float64 reference, so of each other within twice that.
     tol = {k: 2 * v for k, v in TOLERANCES[dtype].items()}
@@ -200,9 +224,9 @@ def test_path_choice(case_name, dtype):
     """The launcher picks the kernel this case is meant to cover."""
     case = CASES[case_name]
     _, fused, x, dy = make_problem(case, dtype)
-    names = launched_kernels(lambda: run_fused(fused, x, dy, case.limit))
+    names = launched_kernels(lambda: run_fused(fused, x, dy, case))
     for expected in (kernel_name(case.forward_kernel, dtype), kernel_name(case.backward_kernel, dtype),
-                     f"param_grad_kernel<{KERNEL_TYPE[dtype]}>"):
+                     f"param_grad_kernel<{KERNEL_TYPE[dtype]}, {case.param_team}>"):
         assert sum(expected in n for n in names) == 1, f"expected one {expected}, launched {names}"
 
 
@@ -211,8 +235,8 @@ def test_path_choice(case_name, dtype):
 def test_bitwise_deterministic(case_name, dtype):
     case = CASES[case_name]
     _, fused, x, dy = make_problem(case, dtype)
-    first = run_fused(fused, x, dy, case.limit)
-    second = run_fused(fused, x, dy, case.limit)
+    first = run_fused(fused, x, dy, case)
+    second = run_fused(fused, x, dy, case)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     for name in PARAM_NAMES:
         assert torch.equal(first[2][name], second[2][name]), name
@@ -266,7 +290,7 @@ def test_cuda_graph_capture_and_replay(case_name):
     static_x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
     static_dy = dy.clone(memory_format=torch.preserve_format)
 
-    with cuda_ext.register_plane_limit(case.limit):
+    with kernel_settings(case):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up outside the capture
@@ -290,7 +314,7 @@ def test_cuda_graph_capture_and_replay(case_name):
         graph.replay()
         torch.cuda.synchronize()
         eager = FusedShuffleAttention.from_module(ref, backend="cuda")
-        out, dx, grads = run_fused(eager, static_x.detach(), static_dy, case.limit)
+        out, dx, grads = run_fused(eager, static_x.detach(), static_dy, case)
         assert torch.equal(static_out, out)
         assert torch.equal(static_x.grad, dx)
         for name in PARAM_NAMES:
@@ -320,7 +344,7 @@ def test_opcheck(case_name):
     half = x.shape[1] // (2 * case.groups)
     params = [torch.randn(half, device="cuda") * 0.8 + 0.2 for _ in range(6)]
     dy = random_input(x.shape, torch.float32, "cuda", case.dy_format)
-    with cuda_ext.register_plane_limit(case.limit):
+    with kernel_settings(case):
         torch.library.opcheck(torch.ops.sa_kernels.cuda_forward.default, (x, *params, case.groups, EPS))
         _, mean, rstd = torch.ops.sa_kernels.cuda_forward(x, *params, case.groups, EPS)
         torch.library.opcheck(torch.ops.sa_kernels.cuda_backward.default,

@@ -52,7 +52,7 @@ class Emulator:
         self.lib.sa_emu_take_launched(buf, len(buf))
         return [line for line in buf.value.decode().split("\n") if line]
 
-    def forward(self, x, params, limit=-1, max_blocks=3):
+    def forward(self, x, params, limit=-1, max_blocks=3, variant=0):
         acc = torch_math.acc_dtype(x.dtype)
         out = torch.empty_like(x)
         mean = torch.empty(x.shape[:2], dtype=acc)
@@ -63,14 +63,15 @@ class Emulator:
             ctypes.c_void_p(out.data_ptr()), self._ints(out.stride()), self._ptrs(acc_params),
             ctypes.c_int64(acc_params[0].numel()), ctypes.c_void_p(mean.data_ptr()),
             ctypes.c_void_p(rstd.data_ptr()), self._ints(x.shape), ctypes.c_double(EPS),
-            ctypes.c_int64(limit), ctypes.c_uint(max_blocks))
+            ctypes.c_int64(limit), ctypes.c_int64(variant), ctypes.c_uint(max_blocks))
         assert rc == 0, f"forward launcher returned cudaError {rc}"
         return out, mean, rstd, self.take_launched()
 
-    def backward(self, dy, x, params, mean, rstd, limit=-1, max_blocks=3):
+    def backward(self, dy, x, params, mean, rstd, limit=-1, max_blocks=3, variant=0):
         acc = mean.dtype
         dx = torch.empty_like(x)
-        partials = torch.empty(*x.shape[:2], 2, dtype=acc)
+        # Poisoned: a slot the first kernel fails to write turns a gradient into NaN.
+        partials = torch.full((*x.shape[:2], 2), float("nan"), dtype=acc)
         acc_params = [p.reshape(-1).to(acc).contiguous() for p in params]
         grads = [torch.empty_like(p) for p in acc_params]
         rc = self.lib.sa_emu_backward(
@@ -79,7 +80,7 @@ class Emulator:
             self._ints(dx.stride()), self._ptrs(acc_params), ctypes.c_int64(acc_params[0].numel()),
             ctypes.c_void_p(mean.data_ptr()), ctypes.c_void_p(rstd.data_ptr()),
             ctypes.c_void_p(partials.data_ptr()), self._ptrs(grads), self._ints(x.shape),
-            ctypes.c_int64(limit), ctypes.c_uint(max_blocks))
+            ctypes.c_int64(limit), ctypes.c_int64(variant), ctypes.c_uint(max_blocks))
         assert rc == 0, f"backward launcher returned cudaError {rc}"
         return dx, grads, self.take_launched()
 
@@ -107,11 +108,11 @@ def random_params(half):
     return [torch.randn(half, dtype=torch.float64) * 0.8 + 0.2 for _ in range(6)]
 
 
-def check_case(emu, x, groups, dy=None, limit=-1, max_blocks=3):
+def check_case(emu, x, groups, dy=None, limit=-1, max_blocks=3, variant=0):
     """Forward and backward through the emulated kernels against the float64 closed form."""
     half = x.shape[1] // (2 * groups)
     params = random_params(half)
-    out, mean, rstd, fwd_kernels = emu.forward(x, params, limit, max_blocks)
+    out, mean, rstd, fwd_kernels = emu.forward(x, params, limit, max_blocks, variant)
     x64, p64 = x.to(torch.float64), [p.to(torch.float64) for p in params]
     ref_out, ref_mean, ref_rstd = torch_math.forward(x64, *p64, groups, EPS)
     tol = TOLERANCES[x.dtype]
@@ -122,7 +123,7 @@ def check_case(emu, x, groups, dy=None, limit=-1, max_blocks=3):
 
     if dy is None:
         dy = random_input(x.shape, x.dtype, "cpu")
-    dx, grads, bwd_kernels = emu.backward(dy, x, params, mean, rstd, limit, max_blocks)
+    dx, grads, bwd_kernels = emu.backward(dy, x, params, mean, rstd, limit, max_blocks, variant)
     ref = torch_math.backward(dy.to(torch.float64), x64, *p64, ref_mean, ref_rstd, groups, EPS)
     torch.testing.assert_close(dx.to(torch.float64), ref[0], **tol, msg=lambda m: f"dx: {m}")
     names = ("cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias")
@@ -143,8 +144,9 @@ def assert_path(launched, expected):
         assert got.startswith(f"void {want}("), f"launched {got}, expected {want}"
 
 
-def param_kernel(dtype):
-    return kernel("param_grad_kernel", dtype)
+def param_kernel(dtype, team=32):
+    """The parameter-gradient kernel with a team of ``team`` threads per parameter index."""
+    return kernel("param_grad_kernel", dtype, team)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -285,6 +287,36 @@ def test_grad_out_expanded_over_batch_keeps_plane_path(emu):
     dy = random_input((1, 1, 8, 8), torch.float32, "cpu").expand(x.shape)
     _, bwd, _ = check_case(emu, x, 2, dy=dy)
     assert_path(bwd, [kernel("backward_held_kernel", torch.float32, 1, 2, 32), param_kernel(torch.float32)])
+
+
+# Variant fields (csrc/shuffle_attention.h, Variant): the measurement hook's integer.
+REDUCE_WARP, REDUCE_BLOCK = 1 << 4, 2 << 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, groups, variant, team", [
+    ((9, 64, 2, 3), 32, 0, 256),             # B * G = 288 rows: a block per parameter index
+    ((9, 64, 2, 3), 32, REDUCE_WARP, 32),    # the same, forced to a warp
+    ((5, 160, 3, 3), 8, REDUCE_BLOCK, 256),  # 40 rows, half = 10, forced to a block
+    ((1, 1024, 1, 1), 8, 0, 32),             # G = 8, half = 64: more indices than warps
+], ids=["block", "forced_warp", "forced_block", "half64"])
+def test_parameter_gradient_reduction(emu, dtype, shape, groups, variant, team):
+    x = random_input(shape, dtype, "cpu")
+    _, bwd, _ = check_case(emu, x, groups, variant=variant)
+    assert bwd[-1].startswith(f"void {param_kernel(dtype, team)}("), bwd
+
+
+@pytest.mark.parametrize("variant", [0, REDUCE_WARP, REDUCE_BLOCK], ids=["auto", "warp", "block"])
+def test_parameter_gradients_do_not_depend_on_the_grid(emu, variant):
+    """Bitwise equal over grids, both team sizes; 288 rows (two rounds of loads for a warp)."""
+    x = random_input((9, 128, 1, 1), torch.float32, "cpu")  # G = 32, half = 2, 288 rows
+    dy = random_input(x.shape, torch.float32, "cpu")
+    params = random_params(2)
+    _, mean, rstd, _ = emu.forward(x, params)
+    runs = [emu.backward(dy, x, params, mean, rstd, max_blocks=m, variant=variant)[1] for m in (1, 2, 5)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
 
 
 def test_many_groups_and_parameters(emu):

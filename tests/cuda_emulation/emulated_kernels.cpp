@@ -65,7 +65,8 @@ GateParams<Acc> gate_params(const void* const* params, int64_t half) {
 template <typename T>
 int forward(const void* x, const int64_t* xs, void* out, const int64_t* os,
             const void* const* params,
-            int64_t half, void* mean, void* rstd, const int64_t* shape, double eps, int64_t limit) {
+            int64_t half, void* mean, void* rstd, const int64_t* shape, double eps, int64_t limit,
+            int64_t variant) {
   using Acc = acc_t<T>;
   ForwardParams<T> p;
   p.x = static_cast<const T*>(x);
@@ -78,6 +79,7 @@ int forward(const void* x, const int64_t* xs, void* out, const int64_t* os,
   p.shape = shape4(shape);
   p.eps = eps;
   p.register_plane_limit = limit;
+  p.variant = variant;
   return int(shuffle_attention_forward<T>(p, nullptr));
 }
 
@@ -85,7 +87,7 @@ template <typename T>
 int backward(const void* dy, const int64_t* dys, const void* x, const int64_t* xs, void* dx,
              const int64_t* dxs, const void* const* params, int64_t half, const void* mean,
              const void* rstd, void* partials, void* const* grads, const int64_t* shape,
-             int64_t limit) {
+             int64_t limit, int64_t variant) {
   using Acc = acc_t<T>;
   BackwardParams<T> p;
   p.grad_out = static_cast<const T*>(dy);
@@ -102,6 +104,7 @@ int backward(const void* dy, const int64_t* dys, const void* x, const int64_t* x
              static_cast<Acc*>(grads[3]), static_cast<Acc*>(grads[4]), static_cast<Acc*>(grads[5])};
   p.shape = shape4(shape);
   p.register_plane_limit = limit;
+  p.variant = variant;
   return int(shuffle_attention_backward<T>(p, nullptr));
 }
 
@@ -123,21 +126,23 @@ extern "C" {
 
 int sa_emu_forward(int dtype, const void* x, const int64_t* xs, void* out, const int64_t* os,
                    const void* const* params, int64_t half, void* mean, void* rstd,
-                   const int64_t* shape, double eps, int64_t limit, unsigned max_blocks) {
+                   const int64_t* shape, double eps, int64_t limit, int64_t variant,
+                   unsigned max_blocks) {
   emu::g_max_blocks = max_blocks;
   return dispatch(dtype, [&](auto tag) {
-    return forward<decltype(tag)>(x, xs, out, os, params, half, mean, rstd, shape, eps, limit);
+    return forward<decltype(tag)>(x, xs, out, os, params, half, mean, rstd, shape, eps, limit,
+                                  variant);
   });
 }
 
 int sa_emu_backward(int dtype, const void* dy, const int64_t* dys, const void* x, const int64_t* xs,
                     void* dx, const int64_t* dxs, const void* const* params, int64_t half,
                     const void* mean, const void* rstd, void* partials, void* const* grads,
-                    const int64_t* shape, int64_t limit, unsigned max_blocks) {
+                    const int64_t* shape, int64_t limit, int64_t variant, unsigned max_blocks) {
   emu::g_max_blocks = max_blocks;
   return dispatch(dtype, [&](auto tag) {
     return backward<decltype(tag)>(dy, dys, x, xs, dx, dxs, params, half, mean, rstd, partials,
-                                   grads, shape, limit);
+                                   grads, shape, limit, variant);
   });
 }
 
