@@ -1,8 +1,8 @@
 // Shuffle Attention backward: dx per plane, then the six parameter gradients.
 //
-// Launch 1 (one of three paths, as in the forward): per plane, recompute the gate from
+// Launch 1 (one of four paths, as in the forward): per plane, recompute the gate from
 // x and the saved (mean, rstd), reduce S1 = sum(dt) and S2 = sum(dt * xhat), write dx
-// and the plane's two partial sums to a (B, C, 2) workspace.
+// and the plane's two partial sums to a workspace (partial_slot).
 // Launch 2: a team (a warp, or the whole block) per parameter index sums the partials
 // over (batch, group) in a fixed order (no atomics: bitwise reproducible) and writes the
 // six gradients.
@@ -11,6 +11,7 @@
 
 #include "shuffle_attention.h"
 #include "shuffle_attention_common.cuh"
+#include "shuffle_attention_staged.cuh"
 
 namespace sa_kernels {
 namespace detail {
@@ -372,6 +373,13 @@ cudaError_t launch_dx(const BackwardParams<T>& p, cudaStream_t stream) {
                      planes_vector_aligned(p.grad_out, p.grad_out_stride, n, V) &&
                      planes_vector_aligned(p.grad_x, p.grad_x_stride, n, V);
     const bool held = p.register_plane_limit < 0 || hw <= p.register_plane_limit;
+    const Variant variant = Variant::decode(p.variant);
+    if (held && variant.planes != Variant::kPlanesPerPlane &&
+        staged_layout(p.x, p.x_stride, n, V) && staged_layout(p.grad_out, p.grad_out_stride, n, V) &&
+        staged_layout(p.grad_x, p.grad_x_stride, n, V)) {
+      const StagedTiling tiling = staged_tiling<T>(hw, n.channels / 2);
+      if (tiling.run > 0) return launch(backward_staged_kernel<T>, n.batch * tiling.tiles, stream, p);
+    }
     // As in the forward; two tensors are held here, so at most 8 packs of each.
     const auto per_warp = [&](auto kernel) {  // kBlockWarps planes a block
       return launch(kernel, ceil_div(planes, kBlockWarps), stream, p);

@@ -1,6 +1,8 @@
 // Shuffle Attention forward: per-plane statistics, gate, shuffled write.
 //
 // Paths, chosen by the launcher from the layout and the plane size H * W:
+//  * small planes staged in shared memory (shuffle_attention_staged.cuh): a block owns a
+//    tile of several planes, read and written with 16-byte vectors.
 //  * planes held on chip: each plane is read once into registers by a team (a warp for
 //    small planes, the whole block otherwise); mean, then the centred sum of squares
 //    from the held values; then the gated values are written.
@@ -12,6 +14,7 @@
 
 #include "shuffle_attention.h"
 #include "shuffle_attention_common.cuh"
+#include "shuffle_attention_staged.cuh"
 
 namespace sa_kernels {
 namespace detail {
@@ -272,6 +275,12 @@ cudaError_t shuffle_attention_forward(const ForwardParams<T>& p, cudaStream_t st
     const bool vec = planes_vector_aligned(p.x, p.x_stride, n, V) &&
                      planes_vector_aligned(p.out, p.out_stride, n, V);
     const bool held = p.register_plane_limit < 0 || hw <= p.register_plane_limit;
+    const Variant variant = Variant::decode(p.variant);
+    if (held && variant.planes != Variant::kPlanesPerPlane &&
+        staged_layout(p.x, p.x_stride, n, V) && staged_layout(p.out, p.out_stride, n, V)) {
+      const StagedTiling tiling = staged_tiling<T>(hw, n.channels / 2);
+      if (tiling.run > 0) return launch(forward_staged_kernel<T>, n.batch * tiling.tiles, stream, p);
+    }
     // Held configurations, smallest first: a team of TEAM threads holding ITEMS packs of
     // VEC elements fits a plane of H * W <= TEAM * ITEMS * VEC.
     const auto per_warp = [&](auto kernel) {  // kBlockWarps planes a block

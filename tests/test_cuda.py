@@ -89,17 +89,25 @@ def _large_held(dtype):
 
 
 # Variant fields (csrc/shuffle_attention.h, Variant): the measurement hook's integer.
+PLANES_PER_PLANE, PLANES_STAGED = 1, 2
 REDUCE_WARP, REDUCE_BLOCK = 1 << 4, 2 << 4
+PER_PLANE = dict(variant=PLANES_PER_PLANE)  # small planes that would be staged, per plane instead
 
 HELD_F, HELD_B = "forward_held_kernel", "backward_held_kernel"
+STAGED_F, STAGED_B = "forward_staged_kernel", "backward_staged_kernel"
 SWEEP_F, SWEEP_B = "forward_two_sweep_kernel", "backward_two_sweep_kernel"
 NHWC_F, NHWC_B = "forward_channels_last_kernel", "backward_channels_last_kernel"
 CL = torch.channels_last
 
 CASES = {
-    "warp_7x7": Case(_x((4, 32, 7, 7)), 4, (HELD_F, 1, 2, 32), (HELD_B, 1, 2, 32)),
-    "warp_1x1": Case(_x((8, 16, 1, 1)), 2, (HELD_F, 1, 2, 32), (HELD_B, 1, 2, 32)),
-    "warp_14x14": Case(_x((2, 48, 14, 14)), 4, (HELD_F, 1, 8, 32), (HELD_B, 1, 8, 32)),
+    "warp_7x7": Case(_x((4, 32, 7, 7)), 4, (HELD_F, 1, 2, 32), (HELD_B, 1, 2, 32), **PER_PLANE),
+    "warp_1x1": Case(_x((8, 16, 1, 1)), 2, (HELD_F, 1, 2, 32), (HELD_B, 1, 2, 32), **PER_PLANE),
+    "warp_14x14": Case(_x((2, 48, 14, 14)), 4, (HELD_F, 1, 8, 32), (HELD_B, 1, 8, 32), **PER_PLANE),
+    "staged_7x7": Case(_x((4, 32, 7, 7)), 4, (STAGED_F,), (STAGED_B,)),
+    "staged_1x1": Case(_x((8, 16, 1, 1)), 2, (STAGED_F,), (STAGED_B,)),
+    "staged_14x14_tiles": Case(_x((2, 96, 14, 14)), 4, (STAGED_F,), (STAGED_B,)),  # a short last tile
+    "staged_16x32": Case(_x((2, 8, 16, 32)), 2, (STAGED_F,), (STAGED_B,)),  # the largest staged plane
+    "staged_3x3": Case(_x((3, 32, 3, 3)), 2, (STAGED_F,), (STAGED_B,)),
     "block_vec": Case(_x((2, 16, 28, 32)), 2, (HELD_F, "V", 4, 256), (HELD_B, "V", 4, 256)),
     "block_vec_large": Case(_large_held, 2, (HELD_F, "V", 16, 256), (HELD_B, "V", 8, 256)),
     "block_scalar": Case(_x((2, 8, 31, 33)), 2, (HELD_F, 1, 4, 256), (HELD_B, 1, 4, 256)),
@@ -112,12 +120,13 @@ CASES = {
     "channels_last_odd": Case(_x((2, 24, 7, 9), CL), 3, (NHWC_F,), (NHWC_B,), dy_format=CL),
     "permuted": Case(_permuted((2, 16, 10, 12)), 2, (SWEEP_F, 1, "true"), (SWEEP_B, 1, "true")),
     "sliced_w": Case(_sliced_w((2, 16, 6, 9)), 2, (SWEEP_F, 1, "true"), (SWEEP_B, 1, "true")),
-    "channel_slice": Case(_channel_slice((2, 16, 8, 8), 4), 2, (HELD_F, 1, 2, 32), (HELD_B, 1, 2, 32)),
+    "channel_slice": Case(_channel_slice((2, 16, 8, 8), 4), 2, (STAGED_F,), (STAGED_B,)),
+    "channel_slice_per_plane": Case(_channel_slice((2, 16, 8, 8), 4), 2, (HELD_F, 1, 2, 32),
+                                    (HELD_B, 1, 2, 32), **PER_PLANE),
     # B * G = 288 rows: a block per parameter index; then the same forced to a warp.
-    "param_block": Case(_x((9, 64, 2, 3)), 32, (HELD_F, 1, 2, 32), (HELD_B, 1, 2, 32), param_team=256),
-    "param_warp_forced": Case(_x((9, 64, 2, 3)), 32, (HELD_F, 1, 2, 32), (HELD_B, 1, 2, 32),
-                              variant=REDUCE_WARP),
-    "param_block_forced": Case(_x((5, 160, 3, 3)), 8, (HELD_F, 1, 2, 32), (HELD_B, 1, 2, 32),
+    "param_block": Case(_x((9, 64, 2, 3)), 32, (STAGED_F,), (STAGED_B,), param_team=256),
+    "param_warp_forced": Case(_x((9, 64, 2, 3)), 32, (STAGED_F,), (STAGED_B,), variant=REDUCE_WARP),
+    "param_block_forced": Case(_x((5, 160, 3, 3)), 8, (STAGED_F,), (STAGED_B,),
                                variant=REDUCE_BLOCK, param_team=256),
 }
 

@@ -30,6 +30,9 @@ KERNEL_TYPE = {torch.float32: "float", torch.float64: "double", torch.float16: "
                torch.bfloat16: "__nv_bfloat16"}
 VEC = {torch.float32: 4, torch.float64: 2, torch.float16: 8, torch.bfloat16: 8}  # 16 bytes
 EPS = 1e-5
+# Variant fields (csrc/shuffle_attention.h, Variant): the measurement hook's integer.
+PLANES_PER_PLANE, PLANES_STAGED = 1, 2
+REDUCE_WARP, REDUCE_BLOCK = 1 << 4, 2 << 4
 
 
 class Emulator:
@@ -158,10 +161,54 @@ def param_kernel(dtype, team=32):
     ((1, 2, 1, 250), 1, 8),    # one row
 ])
 def test_warp_per_plane(emu, dtype, shape, groups, items):
+    """Small planes, the staged path turned off: a warp per plane."""
     x = random_input(shape, dtype, "cpu")
-    fwd, bwd, _ = check_case(emu, x, groups)
+    fwd, bwd, _ = check_case(emu, x, groups, variant=PLANES_PER_PLANE)
     assert_path(fwd, [kernel("forward_held_kernel", dtype, 1, items, 32)])
     assert_path(bwd, [kernel("backward_held_kernel", dtype, 1, items, 32), param_kernel(dtype)])
+
+
+STAGED_F, STAGED_B = "forward_staged_kernel", "backward_staged_kernel"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, groups", [
+    ((3, 16, 7, 7), 2),     # 49 elements: packs run across plane boundaries; one tile an image
+    ((2, 48, 14, 14), 4),   # several tiles an image, the last one shorter (every dtype)
+    ((4, 16, 1, 1), 2),     # 1x1 planes: a pack holds several planes; variance 0
+    ((2, 16, 1, 3), 2),     # planes shorter than a pack, not dividing it
+    ((1, 4, 16, 32), 1),    # 512 elements: the largest staged plane, 32 lanes a plane
+    ((2, 80, 5, 7), 5),     # 35 elements, 16 lanes a plane
+    ((2, 16, 3, 3), 2),     # 9 elements, 4 lanes a plane
+])
+def test_staged_small_planes(emu, dtype, shape, groups):
+    x = random_input(shape, dtype, "cpu")
+    fwd, bwd, _ = check_case(emu, x, groups)
+    assert_path(fwd, [kernel(STAGED_F, dtype)])
+    assert_path(bwd, [kernel(STAGED_B, dtype), param_kernel(dtype)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, make_dy, staged_bwd", [
+    ((1, 2, 1, 250), None, False),    # C/2 * H * W = 250: runs would not start on 16 bytes
+    ((2, 8, 8, 8), "expanded", False),  # grad_out's channel stride 0: the backward cannot stage it
+    ((2, 8, 8, 8), "offset", False),  # x one element past a 16-byte boundary
+    ((2, 8, 4, 4), "channels_last_dy", False),
+    ((1, 4, 32, 32), None, False),    # 1024 elements: larger than a staged plane
+])
+def test_staged_not_taken(emu, dtype, shape, make_dy, staged_bwd):
+    """Where the staged kernels cannot read or write in 16-byte vectors, the per-plane kernels run."""
+    if make_dy == "offset":
+        x = random_input((torch.Size(shape).numel() + 1,), dtype, "cpu")[1:].view(shape)
+    else:
+        x = random_input(shape, dtype, "cpu")
+    dy = {"expanded": lambda: random_input((1, 1) + shape[2:], dtype, "cpu").expand(shape),
+          "channels_last_dy": lambda: random_input(shape, dtype, "cpu", torch.channels_last)}.get(
+              make_dy, lambda: None)()
+    fwd, bwd, _ = check_case(emu, x, 1 if shape[1] <= 4 else 2, dy=dy)
+    staged_fwd = make_dy in ("expanded", "channels_last_dy")
+    assert (fwd[0].startswith(f"void {kernel(STAGED_F, dtype)}(")) == staged_fwd, fwd
+    assert (bwd[0].startswith(f"void {kernel(STAGED_B, dtype)}(")) == staged_bwd, bwd
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -261,9 +308,13 @@ def test_generic_strided(emu, dtype, make_x):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_channel_slice_keeps_plane_path(emu, dtype):
-    """A slice along C leaves each plane contiguous: the plane kernels read it in place."""
+    """A slice along C leaves the planes contiguous and packed: staged (forward) and per-plane
+    kernels read it in place (the backward's dx is contiguous, its grad_out too)."""
     x = random_input((2, 12, 8, 8), dtype, "cpu")[:, 2:10]
     fwd, bwd, _ = check_case(emu, x, 2)
+    assert_path(fwd, [kernel(STAGED_F, dtype)])
+    assert_path(bwd, [kernel(STAGED_B, dtype), param_kernel(dtype)])
+    fwd, bwd, _ = check_case(emu, x, 2, variant=PLANES_PER_PLANE)
     assert_path(fwd, [kernel("forward_held_kernel", dtype, 1, 2, 32)])
     assert_path(bwd, [kernel("backward_held_kernel", dtype, 1, 2, 32), param_kernel(dtype)])
 
@@ -287,10 +338,6 @@ def test_grad_out_expanded_over_batch_keeps_plane_path(emu):
     dy = random_input((1, 1, 8, 8), torch.float32, "cpu").expand(x.shape)
     _, bwd, _ = check_case(emu, x, 2, dy=dy)
     assert_path(bwd, [kernel("backward_held_kernel", torch.float32, 1, 2, 32), param_kernel(torch.float32)])
-
-
-# Variant fields (csrc/shuffle_attention.h, Variant): the measurement hook's integer.
-REDUCE_WARP, REDUCE_BLOCK = 1 << 4, 2 << 4
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -327,21 +374,22 @@ def test_many_groups_and_parameters(emu):
     check_case(emu, x, 2, max_blocks=1)
 
 
-@pytest.mark.parametrize("limit, shape, memory_format", [
-    (-1, (3, 8, 7, 7), torch.contiguous_format),
-    (-1, (2, 4, 28, 32), torch.contiguous_format),
-    (0, (2, 4, 24, 24), torch.contiguous_format),
-    (-1, (2, 40, 3, 5), torch.channels_last),
+@pytest.mark.parametrize("limit, shape, memory_format, variant", [
+    (-1, (3, 8, 7, 7), torch.contiguous_format, PLANES_PER_PLANE),
+    (-1, (2, 48, 7, 7), torch.contiguous_format, 0),  # staged: 3 tiles an image
+    (-1, (2, 4, 28, 32), torch.contiguous_format, 0),
+    (0, (2, 4, 24, 24), torch.contiguous_format, 0),
+    (-1, (2, 40, 3, 5), torch.channels_last, 0),
 ])
-def test_results_do_not_depend_on_the_grid(emu, limit, shape, memory_format):
+def test_results_do_not_depend_on_the_grid(emu, limit, shape, memory_format, variant):
     """Bitwise equal whether one block loops over every plane or several share them."""
     x = random_input(shape, torch.float32, "cpu", memory_format=memory_format)
     dy = random_input(shape, torch.float32, "cpu", memory_format=memory_format)
     params = random_params(shape[1] // 4)
     runs = []
     for max_blocks in (1, 2, 5):
-        out, mean, rstd, _ = emu.forward(x, params, limit, max_blocks)
-        dx, grads, _ = emu.backward(dy, x, params, mean, rstd, limit, max_blocks)
+        out, mean, rstd, _ = emu.forward(x, params, limit, max_blocks, variant)
+        dx, grads, _ = emu.backward(dy, x, params, mean, rstd, limit, max_blocks, variant)
         runs.append([out, mean, rstd, dx, *grads])
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
