@@ -16,8 +16,9 @@
 namespace sa_kernels {
 namespace detail {
 
-// One plane per team of TEAM threads holding up to ITEMS packs of VEC elements of both
-// x and grad_out: H * W <= TEAM * ITEMS * VEC (launcher). Each is read once.
+// One plane per team of TEAM threads (a warp, several warps or the whole block) holding
+// up to ITEMS packs of VEC elements of both x and grad_out: H * W <= TEAM * ITEMS * VEC
+// (launcher). Each is read once, every load issued before the first use.
 template <typename T, int VEC, int ITEMS, int TEAM>
 __global__ void __launch_bounds__(kBlock) backward_held_kernel(const BackwardParams<T> p) {
   using Acc = acc_t<T>;
@@ -33,26 +34,38 @@ __global__ void __launch_bounds__(kBlock) backward_held_kernel(const BackwardPar
   const int team = threadIdx.x / TEAM;
   const int rank = threadIdx.x % TEAM;
 
-  for (int64_t plane = int64_t(blockIdx.x) * kTeams + team; plane < planes;
-       plane += int64_t(gridDim.x) * kTeams) {  // uniform over a team
+  // The same rounds in every thread of the block, as in the forward.
+  for (int64_t base = int64_t(blockIdx.x) * kTeams; base < planes;
+       base += int64_t(gridDim.x) * kTeams) {
+    const int64_t plane = base + team;
+    const int mine = plane < planes ? packs : 0;  // packs this team holds
     const int64_t b = plane / channels;
     const int64_t c = plane % channels;
     const int64_t o = output_channel(c, channels);
-    const Acc mean = p.mean[plane];
-    const Acc rstd = p.rstd[plane];
-    const PlaneGate<Acc> gate = plane_gate(p.gate, c, mean, rstd);
     const P* x = reinterpret_cast<const P*>(p.x + b * p.x_stride.b + c * p.x_stride.c);
     const P* dy = reinterpret_cast<const P*>(p.grad_out + b * p.grad_out_stride.b +
                                              o * p.grad_out_stride.c);
 
     P held_x[ITEMS], held_dy[ITEMS];
-    Acc sums[2] = {Acc(0), Acc(0)};  // sum(dt), sum(dt * (x - mean))
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int v = i * TEAM + rank;
-      if (v < packs) {
+      if (v < mine) {
         held_x[i] = x[v];
         held_dy[i] = dy[v];
+      }
+    }
+    Acc mean = Acc(0), rstd = Acc(0);
+    PlaneGate<Acc> gate{Acc(0), Acc(0), false, 0};
+    if (mine > 0) {
+      mean = p.mean[plane];
+      rstd = p.rstd[plane];
+      gate = plane_gate(p.gate, c, mean, rstd);
+    }
+    Acc sums[2] = {Acc(0), Acc(0)};  // sum(dt), sum(dt * (x - mean))
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (i * TEAM + rank < mine) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const ElementGrad<Acc> g =
@@ -63,6 +76,7 @@ __global__ void __launch_bounds__(kBlock) backward_held_kernel(const BackwardPar
       }
     }
     team_allreduce<TEAM>(sums, smem);
+    if (mine == 0) continue;  // after the team's last barrier of this round
     const Acc s1 = sums[0];
     const Acc s2 = sums[1] * rstd;
     if (rank == 0) write_partials(p, plane, gate.spatial, s1, s2, mean);
@@ -72,7 +86,7 @@ __global__ void __launch_bounds__(kBlock) backward_held_kernel(const BackwardPar
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int v = i * TEAM + rank;
-      if (v < packs) {
+      if (v < mine) {
         P r;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
@@ -381,14 +395,20 @@ cudaError_t launch_dx(const BackwardParams<T>& p, cudaStream_t stream) {
       if (tiling.run > 0) return launch(backward_staged_kernel<T>, n.batch * tiling.tiles, stream, p);
     }
     // As in the forward; two tensors are held here, so at most 8 packs of each.
-    const auto per_warp = [&](auto kernel) {  // kBlockWarps planes a block
-      return launch(kernel, ceil_div(planes, kBlockWarps), stream, p);
+    const int64_t packs = hw / V;
+    const auto per_team = [&](auto kernel, int team) {  // kBlock / team planes a block
+      return launch(kernel, ceil_div(planes, kBlock / team), stream, p);
     };
-    const auto per_block = [&](auto kernel) { return launch(kernel, planes, stream, p); };
+    const auto per_warp = [&](auto kernel) { return per_team(kernel, kWarp); };
+    const auto per_block = [&](auto kernel) { return per_team(kernel, kBlock); };
     if (held && hw <= kWarp * 2) return per_warp(backward_held_kernel<T, 1, 2, kWarp>);
     if (held && hw <= kWarp * 8) return per_warp(backward_held_kernel<T, 1, 8, kWarp>);
-    if (held && vec && hw <= kBlock * 4 * V) return per_block(backward_held_kernel<T, V, 4, kBlock>);
-    if (held && vec && hw <= kBlock * 8 * V) return per_block(backward_held_kernel<T, V, 8, kBlock>);
+    if (held && vec) {
+      if (packs <= 32 * 8) return per_team(backward_held_kernel<T, V, 8, 32>, 32);
+      if (packs <= 64 * 8) return per_team(backward_held_kernel<T, V, 8, 64>, 64);
+      if (packs <= 128 * 8) return per_team(backward_held_kernel<T, V, 8, 128>, 128);
+      if (packs <= 256 * 8) return per_team(backward_held_kernel<T, V, 8, 256>, 256);
+    }
     if (held && !vec && hw <= kBlock * 4) return per_block(backward_held_kernel<T, 1, 4, kBlock>);
     if (held && !vec && hw <= kBlock * 8) return per_block(backward_held_kernel<T, 1, 8, kBlock>);
     return vec ? per_block(backward_two_sweep_kernel<T, V, false>)

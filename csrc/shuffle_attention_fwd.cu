@@ -19,8 +19,10 @@
 namespace sa_kernels {
 namespace detail {
 
-// One plane per team of TEAM threads; each thread holds up to ITEMS packs of VEC
-// elements, so a plane fits when H * W <= TEAM * ITEMS * VEC (checked by the launcher).
+// One plane per team of TEAM threads (a warp, several warps or the whole block); each
+// thread holds up to ITEMS packs of VEC elements, so a plane fits when
+// H * W <= TEAM * ITEMS * VEC (checked by the launcher). Every load of a plane is issued
+// before its first use.
 template <typename T, int VEC, int ITEMS, int TEAM>
 __global__ void __launch_bounds__(kBlock) forward_held_kernel(const ForwardParams<T> p) {
   using Acc = acc_t<T>;
@@ -35,20 +37,25 @@ __global__ void __launch_bounds__(kBlock) forward_held_kernel(const ForwardParam
   const int team = threadIdx.x / TEAM;
   const int rank = threadIdx.x % TEAM;
 
-  // The loop condition is uniform over a team, so a block-wide team never splits at a barrier.
-  for (int64_t plane = int64_t(blockIdx.x) * kTeams + team; plane < planes;
-       plane += int64_t(gridDim.x) * kTeams) {
+  // The loop runs the same rounds in every thread of the block (teams of several warps
+  // meet at block-wide barriers); a team past the last plane idles through its round.
+  for (int64_t base = int64_t(blockIdx.x) * kTeams; base < planes;
+       base += int64_t(gridDim.x) * kTeams) {
+    const int64_t plane = base + team;
+    const int mine = plane < planes ? packs : 0;  // packs this team holds
     const int64_t b = plane / channels;
     const int64_t c = plane % channels;
     const P* x = reinterpret_cast<const P*>(p.x + b * p.x_stride.b + c * p.x_stride.c);
 
     P held[ITEMS];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (i * TEAM + rank < mine) held[i] = x[i * TEAM + rank];
+    }
     Acc sum[1] = {Acc(0)};
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int v = i * TEAM + rank;
-      if (v < packs) {
-        held[i] = x[v];
+      if (i * TEAM + rank < mine) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) sum[0] += to_acc(held[i].v[e]);
       }
@@ -59,7 +66,7 @@ __global__ void __launch_bounds__(kBlock) forward_held_kernel(const ForwardParam
     Acc m2[1] = {Acc(0)};
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      if (i * TEAM + rank < packs) {
+      if (i * TEAM + rank < mine) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const Acc d = to_acc(held[i].v[e]) - mean;
@@ -68,6 +75,7 @@ __global__ void __launch_bounds__(kBlock) forward_held_kernel(const ForwardParam
       }
     }
     team_allreduce<TEAM>(m2, smem);
+    if (mine == 0) continue;  // after the team's last barrier of this round
     const Acc rstd = inv_sqrt(m2[0] / Acc(hw) + Acc(p.eps));
     if (rank == 0) {
       p.mean[plane] = mean;
@@ -80,7 +88,7 @@ __global__ void __launch_bounds__(kBlock) forward_held_kernel(const ForwardParam
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int v = i * TEAM + rank;
-      if (v < packs) {
+      if (v < mine) {
         P r;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) r.v[e] = gated<T>(to_acc(held[i].v[e]), mean, gate);
@@ -282,15 +290,24 @@ cudaError_t shuffle_attention_forward(const ForwardParams<T>& p, cudaStream_t st
       if (tiling.run > 0) return launch(forward_staged_kernel<T>, n.batch * tiling.tiles, stream, p);
     }
     // Held configurations, smallest first: a team of TEAM threads holding ITEMS packs of
-    // VEC elements fits a plane of H * W <= TEAM * ITEMS * VEC.
-    const auto per_warp = [&](auto kernel) {  // kBlockWarps planes a block
-      return launch(kernel, ceil_div(planes, kBlockWarps), stream, p);
+    // VEC elements fits a plane of H * W <= TEAM * ITEMS * VEC. With 16-byte packs the
+    // smallest team that fits a plane in 8 packs a thread: threads hold 4 to 8 packs, all
+    // in flight at once (the held bytes per register, hence per multiprocessor, stay high).
+    const int64_t packs = hw / V;
+    const auto per_team = [&](auto kernel, int team) {  // kBlock / team planes a block
+      return launch(kernel, ceil_div(planes, kBlock / team), stream, p);
     };
-    const auto per_block = [&](auto kernel) { return launch(kernel, planes, stream, p); };
+    const auto per_warp = [&](auto kernel) { return per_team(kernel, kWarp); };
+    const auto per_block = [&](auto kernel) { return per_team(kernel, kBlock); };
     if (held && hw <= kWarp * 2) return per_warp(forward_held_kernel<T, 1, 2, kWarp>);
     if (held && hw <= kWarp * 8) return per_warp(forward_held_kernel<T, 1, 8, kWarp>);
-    if (held && vec && hw <= kBlock * 4 * V) return per_block(forward_held_kernel<T, V, 4, kBlock>);
-    if (held && vec && hw <= kBlock * 16 * V) return per_block(forward_held_kernel<T, V, 16, kBlock>);
+    if (held && vec) {
+      if (packs <= 32 * 8) return per_team(forward_held_kernel<T, V, 8, 32>, 32);
+      if (packs <= 64 * 8) return per_team(forward_held_kernel<T, V, 8, 64>, 64);
+      if (packs <= 128 * 8) return per_team(forward_held_kernel<T, V, 8, 128>, 128);
+      if (packs <= 256 * 8) return per_team(forward_held_kernel<T, V, 8, 256>, 256);
+      if (packs <= 256 * 16) return per_team(forward_held_kernel<T, V, 16, 256>, 256);
+    }
     if (held && !vec && hw <= kBlock * 4) return per_block(forward_held_kernel<T, 1, 4, kBlock>);
     if (held && !vec && hw <= kBlock * 16) return per_block(forward_held_kernel<T, 1, 16, kBlock>);
     return vec ? per_block(forward_two_sweep_kernel<T, V, false>)

@@ -80,12 +80,27 @@ def _channel_slice(shape, extra):
     return lambda dtype: random_input((b, c + 2 * extra, h, w), dtype, "cuda")[:, extra:extra + c]
 
 
-LARGE_HW = {torch.float32: (72, 72), torch.float64: (48, 48), torch.float16: (96, 96),
-            torch.bfloat16: (96, 96)}  # past the 4-pack capacity, inside the largest held one
+LARGE_HW = {torch.float32: (96, 96), torch.float64: (72, 72), torch.float16: (128, 136),
+            torch.bfloat16: (128, 136)}  # past 8 packs a thread of a block, inside 16 (forward)
 
 
 def _large_held(dtype):
     return random_input((2, 8) + LARGE_HW[dtype], dtype, "cuda")
+
+
+def held_vector(kernel, max_items):
+    """The held kernel the launchers pick for 16-byte packs, as a spec for kernel_name: the
+    smallest team (a warp, 2 or 4 warps, the block) holding the plane in 8 packs a thread,
+    then 16 (forward only), else the two-sweep kernel. A function of (dtype, H * W)."""
+    def spec(dtype, hw):
+        packs = hw // VEC[dtype]
+        for team in (32, 64, 128, 256):
+            if packs <= team * 8:
+                return (kernel, "V", 8, team)
+        if max_items >= 16 and packs <= 256 * 16:
+            return (kernel, "V", 16, 256)
+        return (kernel.replace("held", "two_sweep"), "V", "false")
+    return spec
 
 
 # Variant fields (csrc/shuffle_attention.h, Variant): the measurement hook's integer.
@@ -108,8 +123,11 @@ CASES = {
     "staged_14x14_tiles": Case(_x((2, 96, 14, 14)), 4, (STAGED_F,), (STAGED_B,)),  # a short last tile
     "staged_16x32": Case(_x((2, 8, 16, 32)), 2, (STAGED_F,), (STAGED_B,)),  # the largest staged plane
     "staged_3x3": Case(_x((3, 32, 3, 3)), 2, (STAGED_F,), (STAGED_B,)),
-    "block_vec": Case(_x((2, 16, 28, 32)), 2, (HELD_F, "V", 4, 256), (HELD_B, "V", 4, 256)),
-    "block_vec_large": Case(_large_held, 2, (HELD_F, "V", 16, 256), (HELD_B, "V", 8, 256)),
+    "block_vec": Case(_x((2, 16, 28, 32)), 2, held_vector(HELD_F, 16), held_vector(HELD_B, 8)),
+    "team_vec": Case(_x((1, 12, 40, 50)), 3, held_vector(HELD_F, 16), held_vector(HELD_B, 8)),
+    "team_vec_56x56": Case(_x((2, 8, 56, 56)), 2, held_vector(HELD_F, 16), held_vector(HELD_B, 8)),
+    "team_vec_80x80": Case(_x((1, 8, 80, 80)), 2, held_vector(HELD_F, 16), held_vector(HELD_B, 8)),
+    "block_vec_large": Case(_large_held, 2, held_vector(HELD_F, 16), held_vector(HELD_B, 8)),
     "block_scalar": Case(_x((2, 8, 31, 33)), 2, (HELD_F, 1, 4, 256), (HELD_B, 1, 4, 256)),
     "block_scalar_large": Case(_x((2, 4, 43, 47)), 1, (HELD_F, 1, 16, 256), (HELD_B, 1, 8, 256)),
     "misaligned": Case(_misaligned((2, 8, 32, 32)), 2, (HELD_F, 1, 4, 256), (HELD_B, 1, 4, 256)),
@@ -131,7 +149,9 @@ CASES = {
 }
 
 
-def kernel_name(spec, dtype):
+def kernel_name(spec, dtype, hw=None):
+    if callable(spec):
+        spec = spec(dtype, hw)
     name, *args = spec
     args = [str(VEC[dtype]) if a == "V" else str(a) for a in args]
     return f"{name}<{', '.join([KERNEL_TYPE[dtype]] + args)}>"
@@ -234,7 +254,8 @@ def test_path_choice(case_name, dtype):
     case = CASES[case_name]
     _, fused, x, dy = make_problem(case, dtype)
     names = launched_kernels(lambda: run_fused(fused, x, dy, case))
-    for expected in (kernel_name(case.forward_kernel, dtype), kernel_name(case.backward_kernel, dtype),
+    hw = x.shape[2] * x.shape[3]
+    for expected in (kernel_name(case.forward_kernel, dtype, hw), kernel_name(case.backward_kernel, dtype, hw),
                      f"param_grad_kernel<{KERNEL_TYPE[dtype]}, {case.param_team}>"):
         assert sum(expected in n for n in names) == 1, f"expected one {expected}, launched {names}"
 

@@ -211,23 +211,31 @@ def test_staged_not_taken(emu, dtype, shape, make_dy, staged_bwd):
     assert (bwd[0].startswith(f"void {kernel(STAGED_B, dtype)}(")) == staged_bwd, bwd
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_block_per_plane_vectorised(emu, dtype):
-    x = random_input((2, 4, 28, 32), dtype, "cpu")  # 896 elements, a multiple of every VEC
-    fwd, bwd, _ = check_case(emu, x, 1)
-    assert_path(fwd, [kernel("forward_held_kernel", dtype, VEC[dtype], 4, 256)])
-    assert_path(bwd, [kernel("backward_held_kernel", dtype, VEC[dtype], 4, 256), param_kernel(dtype)])
+def held_vector_config(packs, max_items):
+    """(ITEMS, TEAM) of the held kernel the launchers pick for planes of ``packs`` 16-byte
+    packs: the smallest team holding the plane in 8 packs a thread, then 16 (forward
+    only); None: the two-sweep kernel."""
+    for team in (32, 64, 128, 256):
+        if packs <= team * 8:
+            return 8, team
+    return (16, 256) if max_items >= 16 and packs <= 256 * 16 else None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_block_per_plane_large(emu, dtype):
-    """The largest held configurations: forward 16 packs a thread, backward 8."""
+@pytest.mark.parametrize("hw", [896, 1800, 3136, 6400, 12544])
+def test_held_vectorised(emu, dtype, hw):
+    """16-byte packs held in registers by a warp, two or four warps, or the block; the
+    largest planes (per dtype) reach the 16-pack forward and the two-sweep backward."""
     v = VEC[dtype]
-    hw = 256 * 4 * v + 2 * v  # just past the 4-pack capacity, below the larger ones
-    x = random_input((1, 4, 1, hw), dtype, "cpu")
+    x = random_input((1, 6, 1, hw), dtype, "cpu")  # 6 planes: some teams idle in the last round
     fwd, bwd, _ = check_case(emu, x, 1)
-    assert_path(fwd, [kernel("forward_held_kernel", dtype, v, 16, 256)])
-    assert_path(bwd, [kernel("backward_held_kernel", dtype, v, 8, 256), param_kernel(dtype)])
+    expected = []
+    for name, sweep, max_items in (("forward_held_kernel", "forward_two_sweep_kernel", 16),
+                                   ("backward_held_kernel", "backward_two_sweep_kernel", 8)):
+        config = held_vector_config(hw // v, max_items)
+        expected.append(kernel(name, dtype, v, *config) if config else kernel(sweep, dtype, v, False))
+    assert_path(fwd, expected[:1])
+    assert_path(bwd, [expected[1], param_kernel(dtype)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -378,6 +386,7 @@ def test_many_groups_and_parameters(emu):
     (-1, (3, 8, 7, 7), torch.contiguous_format, PLANES_PER_PLANE),
     (-1, (2, 48, 7, 7), torch.contiguous_format, 0),  # staged: 3 tiles an image
     (-1, (2, 4, 28, 32), torch.contiguous_format, 0),
+    (-1, (1, 6, 30, 60), torch.contiguous_format, 0),  # teams of two warps, one idle
     (0, (2, 4, 24, 24), torch.contiguous_format, 0),
     (-1, (2, 40, 3, 5), torch.channels_last, 0),
 ])
