@@ -203,9 +203,11 @@ def parse_ptxas(text, arch="sm_90"):
     return out
 
 
-# Opcodes counted per kernel: 16-byte global loads/stores, 16-byte shared accesses, local memory.
+# Opcodes counted per kernel: 16-byte global loads/stores, 16-byte global-to-shared copies
+# (cp.async), 16-byte shared accesses, local memory.
 SASS_OPCODES = {"ldg128": r"\bLDG\.E\.128\b", "stg128": r"\bSTG\.E\.128\b", "ldg": r"\bLDG\.",
-                "stg": r"\bSTG\.", "lds128": r"\bLDS\.128\b", "sts128": r"\bSTS\.128\b",
+                "stg": r"\bSTG\.", "ldgsts128": r"\bLDGSTS\.E\.(BYPASS\.)?128\b",
+                "lds128": r"\bLDS\.128\b", "sts128": r"\bSTS\.128\b",
                 "ldl": r"\bLDL\b", "stl": r"\bSTL\b"}
 _FUNCTION = re.compile(r"Function : (\S+)")
 _ARCH = re.compile(r"arch = (sm_\d+a?)")
@@ -286,15 +288,16 @@ def resources_table(rows):
     head = "| kernel | registers | spill st/ld | stack | smem |"
     rule = "|---|---|---|---|---|"
     if has_sass:
-        head += " LDG.128 | STG.128 | LDG all | STG all | LDS/STS.128 | LDL/STL |"
-        rule += "---|---|---|---|---|---|"
+        head += " LDG.128 | LDGSTS.128 | STG.128 | LDG all | STG all | LDS/STS.128 | LDL/STL |"
+        rule += "---|---|---|---|---|---|---|"
     lines = [head, rule]
     for name in sorted(rows):
         r = rows[name]
         line = (f"| `{name}` | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['stack']} "
                 f"| {r['smem']} |")
         if has_sass:
-            line += (f" {r.get('ldg128', '')} | {r.get('stg128', '')} | {r.get('ldg', '')} | {r.get('stg', '')} "
+            line += (f" {r.get('ldg128', '')} | {r.get('ldgsts128', '')} | {r.get('stg128', '')} "
+                     f"| {r.get('ldg', '')} | {r.get('stg', '')} "
                      f"| {r.get('lds128', '')}/{r.get('sts128', '')} | {r.get('ldl', '')}/{r.get('stl', '')} |")
         lines.append(line)
     return "\n".join(lines)

@@ -122,7 +122,7 @@ struct Variant {
 
 // Launch on `stream`; no allocation, no synchronisation (safe under CUDA graph capture).
 // Return the first launch error (cudaSuccess when none); nothing is launched for an
-// empty tensor. H * W must not exceed INT32_MAX (cudaErrorInvalidValue otherwise).
+// empty tensor. H * W and C must not exceed INT32_MAX (cudaErrorInvalidValue otherwise).
 template <typename T>
 cudaError_t shuffle_attention_forward(const ForwardParams<T>& params, cudaStream_t stream);
 template <typename T>

@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kBlock) backward_held_kernel(const BackwardPar
     if (mine == 0) continue;  // after the team's last barrier of this round
     const Acc s1 = sums[0];
     const Acc s2 = sums[1] * rstd;
-    if (rank == 0) write_partials(p, plane, gate.spatial, s1, s2, mean);
+    if (rank == 0) write_partials(p, b, c, gate.spatial, s1, s2, mean);
 
     const GradCoefficients<Acc> k = grad_coefficients(p.gate, gate, rstd, s1, s2, inv_n);
     P* dx = reinterpret_cast<P*>(p.grad_x + b * p.grad_x_stride.b + c * p.grad_x_stride.c);
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kBlock) backward_two_sweep_kernel(const Backwa
     block_allreduce(sums, smem);
     const Acc s1 = sums[0];
     const Acc s2 = sums[1] * rstd;
-    if (threadIdx.x == 0) write_partials(p, plane, gate.spatial, s1, s2, mean);
+    if (threadIdx.x == 0) write_partials(p, b, c, gate.spatial, s1, s2, mean);
 
     const GradCoefficients<Acc> k = grad_coefficients(p.gate, gate, rstd, s1, s2, inv_n);
     T* dx = p.grad_x + b * p.grad_x_stride.b + c * p.grad_x_stride.c;
@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_kernel(const Ba
         s2 += partial[i][1][r][lane];
       }
       s2 *= rstd_i;
-      write_partials(p, b * channels + i * half_c + j, gate_i.spatial, s1, s2, mean_i);
+      write_partials(p, b, i * half_c + j, gate_i.spatial, s1, s2, mean_i);
       coefficients[i][lane] = grad_coefficients(p.gate, gate_i, rstd_i, s1, s2, inv_n);
     }
     __syncthreads();
@@ -326,7 +326,7 @@ __global__ void __launch_bounds__(kBlock) param_grad_kernel(const BackwardParams
   __shared__ Acc smem[kBlockWarps * 4];
 
   const int64_t half = p.gate.half;
-  const int64_t rows = partial_rows(p);
+  const int64_t rows = p.shape.batch * (int(p.shape.channels) / int(2 * half));  // 32-bit division
   const int team = threadIdx.x / TEAM;
   const int rank = threadIdx.x % TEAM;
 
@@ -391,7 +391,7 @@ cudaError_t launch_dx(const BackwardParams<T>& p, cudaStream_t stream) {
     if (held && variant.planes != Variant::kPlanesPerPlane &&
         staged_layout(p.x, p.x_stride, n, V) && staged_layout(p.grad_out, p.grad_out_stride, n, V) &&
         staged_layout(p.grad_x, p.grad_x_stride, n, V)) {
-      const StagedTiling tiling = staged_tiling<T>(hw, n.channels / 2);
+      const StagedTiling tiling = staged_plan<T>(n);
       if (tiling.run > 0) return launch(backward_staged_kernel<T>, n.batch * tiling.tiles, stream, p);
     }
     // As in the forward; two tensors are held here, so at most 8 packs of each.
@@ -435,7 +435,8 @@ cudaError_t shuffle_attention_backward(const BackwardParams<T>& p, cudaStream_t 
   const Shape4& n = p.shape;
   const int64_t hw = n.height * n.width;
   if (n.batch * n.channels * hw == 0) return cudaSuccess;
-  if (hw > INT32_MAX || p.gate.half < 1 || n.channels % (2 * p.gate.half) != 0) {
+  if (hw > INT32_MAX || n.channels > INT32_MAX || p.gate.half < 1 ||
+      n.channels % (2 * p.gate.half) != 0) {
     return cudaErrorInvalidValue;
   }
   const cudaError_t err = launch_dx(p, stream);

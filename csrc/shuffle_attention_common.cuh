@@ -70,7 +70,19 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
-__device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+// float: the hardware exponential and an approximate reciprocal (a few instructions instead
+// of expf's polynomial and an IEEE division with its slow path: the staged kernels spent about
+// 55 instructions an element). Error: __expf's 2 + 1.2 |z| ulp (CUDA C++ guide), mostly from
+// rounding z * log2(e) to float, plus 2 ulp; so s and 1 - s keep a relative error of about
+// 1e-6 for |z| < 10. The host emulation rounds z * log2(e) the same way, so the CPU tests see
+// the main error term too.
+__device__ __forceinline__ float sigmoid(float z) {
+#ifdef __CUDA_ARCH__
+  return __fdividef(1.0f, 1.0f + __expf(-z));
+#else
+  return 1.0f / (1.0f + exp2f(-z * 1.44269504f));
+#endif
+}
 __device__ __forceinline__ double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
 
 __device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }
@@ -82,6 +94,28 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
+
+// 16 bytes from global to shared memory without passing through registers (cp.async,
+// sm_80+): a thread can have all its copies of a tile in flight at no register cost.
+// They land after async_copy_wait() and a barrier. The host emulation copies at once.
+template <typename P>
+__device__ __forceinline__ void async_copy16(P* shared_dst, const P* global_src) {
+  static_assert(sizeof(P) == 16, "cp.async.cg copies 16 bytes");
+#ifdef __CUDA_ARCH__
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src)
+               : "memory");
+#else
+  *shared_dst = *global_src;
+#endif
+}
+
+// Waits for this thread's async_copy16 copies; a barrier then publishes them to the block.
+__device__ __forceinline__ void async_copy_wait() {
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
 
 // Two adjacent elements as one store (pointer aligned to 2 * sizeof(T)). Spelled with
 // CUDA's vector types: nvcc split a 2-element struct copy into two scalar stores. For
@@ -141,10 +175,13 @@ template <typename T> constexpr int kChannelsLastPairs = sizeof(T) >= 4 ? 8 : 16
 
 // ---- plane indexing ---------------------------------------------------------------
 
+// Channel arithmetic is 32-bit (C <= INT32_MAX: launchers). A 64-bit division or modulo
+// is a call to a subroutine, whose saved registers can spill to the stack.
+
 // Input channel c = i * C/2 + j goes to output channel 2 * j + i.
 __device__ __forceinline__ int64_t output_channel(int64_t c, int64_t channels) {
-  const int64_t half_c = channels / 2;
-  return 2 * (c % half_c) + c / half_c;
+  const int half_c = int(channels) / 2;
+  return 2 * (int(c) % half_c) + int(c) / half_c;
 }
 
 // Offset of element `i` (0 <= i < H * W, row-major in the plane) of a plane with the
@@ -210,7 +247,7 @@ struct PlaneGate {
 template <typename Acc>
 __device__ __forceinline__ PlaneGate<Acc> plane_gate(const GateParams<Acc>& g, int64_t c,
                                                      Acc mean, Acc rstd) {
-  const int64_t k = c % (2 * g.half);
+  const int k = int(c) % int(2 * g.half);  // 32-bit: see output_channel
   PlaneGate<Acc> r;
   if (k < g.half) {
     r.spatial = false;
@@ -272,31 +309,29 @@ __device__ __forceinline__ GradCoefficients<Acc> grad_coefficients(const GatePar
   return {-gate.alpha * s1 * inv_n, -gate.alpha * rstd * s2 * inv_n};
 }
 
-// Where plane (b, c) = plane keeps its two partial sums in the backward's workspace,
-// laid out (half, rows, 4) for the parameter-gradient kernel: with 2 * half channels
-// per group, the plane's row is r = b * G + g = plane / (2 * half), its parameter index
-// k = c % half, and channel planes (c % (2 * half) < half) take values 0 and 1 of the
-// row, spatial planes 2 and 3. So each parameter index's B * G rows are one contiguous
-// run of 4-value rows, read with one vector load a row.
-__device__ __forceinline__ int64_t partial_slot(int64_t plane, int64_t half, int64_t rows) {
-  const int64_t row = plane / (2 * half);
-  const int64_t kk = plane - row * 2 * half;
-  const int64_t branch = kk < half ? 0 : 1;
-  return ((kk - branch * half) * rows + row) * 4 + branch * 2;
-}
-
-// The backward's rows: B * G = B * C / (2 * half).
+// Where plane (b, c) keeps its two partial sums in the backward's workspace, laid out
+// (half, B * G, 4) for the parameter-gradient kernel: with 2 * half channels per group, the
+// plane's row is r = b * G + c / (2 * half), its parameter index k = c % half, and channel
+// planes (c % (2 * half) < half) take values 0 and 1 of the row, spatial planes 2 and 3.
+// So each parameter index's B * G rows are one contiguous run of 4-value rows, read with
+// one vector load a row. Channel arithmetic is 32-bit, as in output_channel.
 template <typename T>
-__device__ __forceinline__ int64_t partial_rows(const BackwardParams<T>& p) {
-  return p.shape.batch * p.shape.channels / (2 * p.gate.half);
+__device__ __forceinline__ int64_t partial_slot(const BackwardParams<T>& p, int64_t b, int64_t c) {
+  const int half = int(p.gate.half);
+  const int groups = int(p.shape.channels) / (2 * half);
+  const int g = int(c) / (2 * half);
+  const int kk = int(c) - g * 2 * half;
+  const int branch = kk < half ? 0 : 1;
+  const int64_t rows = p.shape.batch * groups;
+  return ((kk - branch * half) * rows + b * groups + g) * 4 + branch * 2;
 }
 
-// What the parameter-gradient kernel sums over (batch, group) for this plane: S1 and,
+// What the parameter-gradient kernel sums over (batch, group) for plane (b, c): S1 and,
 // for channel planes S1 * mean, for spatial planes S2.
 template <typename T, typename Acc>
-__device__ __forceinline__ void write_partials(const BackwardParams<T>& p, int64_t plane,
+__device__ __forceinline__ void write_partials(const BackwardParams<T>& p, int64_t b, int64_t c,
                                                bool spatial, Acc s1, Acc s2, Acc mean) {
-  Acc* slot = p.partials + partial_slot(plane, p.gate.half, partial_rows(p));
+  Acc* slot = p.partials + partial_slot(p, b, c);
   slot[0] = s1;
   slot[1] = spatial ? s2 : s1 * mean;
 }

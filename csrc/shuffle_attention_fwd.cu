@@ -274,7 +274,8 @@ cudaError_t shuffle_attention_forward(const ForwardParams<T>& p, cudaStream_t st
   const int64_t hw = n.height * n.width;
   const int64_t planes = n.batch * n.channels;
   if (planes * hw == 0) return cudaSuccess;
-  if (hw > INT32_MAX || p.gate.half < 1 || n.channels % (2 * p.gate.half) != 0) {
+  if (hw > INT32_MAX || n.channels > INT32_MAX || p.gate.half < 1 ||
+      n.channels % (2 * p.gate.half) != 0) {
     return cudaErrorInvalidValue;
   }
 
@@ -286,7 +287,7 @@ cudaError_t shuffle_attention_forward(const ForwardParams<T>& p, cudaStream_t st
     const Variant variant = Variant::decode(p.variant);
     if (held && variant.planes != Variant::kPlanesPerPlane &&
         staged_layout(p.x, p.x_stride, n, V) && staged_layout(p.out, p.out_stride, n, V)) {
-      const StagedTiling tiling = staged_tiling<T>(hw, n.channels / 2);
+      const StagedTiling tiling = staged_plan<T>(n);
       if (tiling.run > 0) return launch(forward_staged_kernel<T>, n.batch * tiling.tiles, stream, p);
     }
     // Held configurations, smallest first: a team of TEAM threads holding ITEMS packs of

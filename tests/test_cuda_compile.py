@@ -123,9 +123,17 @@ def _is_vectorised(kernel):
     return name.endswith(("held_kernel", "two_sweep_kernel")) and args[1] == str(VEC16[args[0]])
 
 
+# Register saves around a slow-path subroutine call (64-bit integer division, IEEE division
+# or square root of doubles) show as a few bytes of spill; a register array that went to
+# local memory (a run-time index) shows as tens of bytes or more, and as LDL/STL in loops.
+MAX_CALL_SAVE_BYTES = 8
+MAX_LOCAL_ACCESSES = 4
+
+
 def test_sm90_resources(builds):
-    """Per kernel on sm_90: no spills, no stack frame, no local memory; 16-byte global loads
-    (and stores, for the kernels that write packs) where the kernel moves 16-byte packs."""
+    """Per kernel on sm_90: no local-memory arrays (at most a call's register saves); 16-byte
+    global loads or global-to-shared copies (and 16-byte stores, for the kernels that write
+    packs) where 16-byte packs move."""
     results, out_dir = builds
     if not all(src.name in results for src in KERNEL_SOURCES):
         pytest.skip("nvcc not found")
@@ -147,11 +155,12 @@ def test_sm90_resources(builds):
         pytest.skip("c++filt is needed to name the kernels")
     for mangled, r in rows.items():
         kernel = cv.short_kernel_name(names[mangled])
-        assert r["spill_stores"] == 0 and r["stack"] == 0, f"{kernel}: {r}"
+        assert r["spill_stores"] <= MAX_CALL_SAVE_BYTES and r["stack"] <= MAX_CALL_SAVE_BYTES, \
+            f"{kernel}: {r}"
         if cuobjdump is None:
             continue
-        assert r["ldl"] == 0 and r["stl"] == 0, f"{kernel} uses local memory: {r}"
+        assert r["ldl"] + r["stl"] <= MAX_LOCAL_ACCESSES, f"{kernel} uses local memory: {r}"
         if _is_vectorised(kernel):
-            assert r["ldg128"] > 0, f"{kernel} has no 16-byte global load: {r}"
+            assert r["ldg128"] + r["ldgsts128"] > 0, f"{kernel} has no 16-byte global load: {r}"
             if not kernel.startswith("param_grad"):
                 assert r["stg128"] > 0, f"{kernel} has no 16-byte global store: {r}"

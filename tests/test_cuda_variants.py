@@ -94,6 +94,7 @@ SASS = """\
         /*0010*/              @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;
         /*0020*/                   LDG.E R8, desc[UR4][R2.64] ;
         /*0030*/                   STS.128 [R0], R4 ;
+        /*0038*/                   LDGSTS.E.BYPASS.128 [R0+0x10], desc[UR4][R2.64] ;
         /*0040*/                   STG.E.128 desc[UR4][R6.64], R4 ;
         /*0050*/                   STL [R1], R9 ;
 """
@@ -107,5 +108,5 @@ def test_parse_ptxas_keeps_the_asked_architecture():
 
 def test_parse_sass_counts_vector_and_local_accesses():
     counts = cv.parse_sass(SASS.replace("code for sm_90", "arch = sm_90"), "sm_90")["_Z1fv"]
-    assert counts == {"ldg128": 1, "stg128": 1, "ldg": 2, "stg": 1, "lds128": 0, "sts128": 1,
-                      "ldl": 0, "stl": 1}
+    assert counts == {"ldg128": 1, "stg128": 1, "ldg": 2, "stg": 1, "ldgsts128": 1, "lds128": 0,
+                      "sts128": 1, "ldl": 0, "stl": 1}
