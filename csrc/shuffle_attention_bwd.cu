@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "shuffle_attention.h"
+#include "shuffle_attention_channels_last.cuh"
 #include "shuffle_attention_common.cuh"
 #include "shuffle_attention_staged.cuh"
 
@@ -415,6 +416,11 @@ cudaError_t launch_dx(const BackwardParams<T>& p, cudaStream_t stream) {
                : per_block(backward_two_sweep_kernel<T, 1, false>);
   }
 
+  if (split_layout<T>(p.x, p.x_stride, n) && split_layout<T>(p.grad_out, p.grad_out_stride, n) &&
+      split_layout<T>(p.grad_x, p.grad_x_stride, n)) {
+    return launch_split<T>(backward_channels_last_split_kernel<T>, p,
+                           Variant::decode(p.variant).cluster, stream);
+  }
   const bool pair_aligned = reinterpret_cast<uintptr_t>(p.grad_out) % (2 * sizeof(T)) == 0;
   if (is_channels_last(p.x_stride, n) && is_channels_last(p.grad_out_stride, n) &&
       is_channels_last(p.grad_x_stride, n) && pair_aligned) {

@@ -2,6 +2,7 @@
 // vector packs, per-plane gate coefficients, deterministic reductions, Welford merges.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -30,13 +31,98 @@ inline unsigned grid_for(int64_t blocks) {
 
 // Every launch goes through here so each one is followed by an error check. The CPU
 // emulation in tests/cuda_emulation compiles the kernels as host C++ and defines
-// SA_KERNELS_EMULATION to supply its own launch.
+// SA_KERNELS_EMULATION to supply its own launch, launch_cluster, device_sms and
+// max_cluster_blocks.
 #ifndef SA_KERNELS_EMULATION
 template <typename... KernelArgs, typename... Args>
 inline cudaError_t launch(void (*kernel)(KernelArgs...), int64_t blocks, cudaStream_t stream,
                           const Args&... args) {
   kernel<<<grid_for(blocks), kBlock, 0, stream>>>(args...);
   return cudaGetLastError();
+}
+
+// `clusters` clusters of `cluster_blocks` blocks (sm_90 thread-block clusters; see
+// max_cluster_blocks for what the device and the kernel's binary allow).
+template <typename... KernelArgs, typename... Args>
+inline cudaError_t launch_cluster(void (*kernel)(KernelArgs...), int64_t clusters,
+                                  int cluster_blocks, cudaStream_t stream, const Args&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(grid_for(clusters * cluster_blocks) / cluster_blocks * cluster_blocks));
+  config.blockDim = dim3(kBlock);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = unsigned(cluster_blocks);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+constexpr int kMaxDevices = 64;
+
+// Multiprocessors of the current device (cached per device).
+inline int device_sms() {
+  static std::atomic<int> cache[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 1;
+  int sms = cache[device].load();
+  if (sms == 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 1;
+    cache[device].store(sms);
+  }
+  return sms;
+}
+
+// The largest cluster (16, 8, 4 or 2 blocks; 1: none) `kernel` can run with on the current
+// device: compute capability 9.0 or more and a binary built for it (an sm_80 binary, or
+// PTX compiled for compute_80, has no cluster code), and at least one such cluster able to
+// reside (cudaOccupancyMaxActiveClusters). Queried once per device and kernel; the
+// queries' errors are cleared so the next launch's check sees only its own.
+template <typename... KernelArgs>
+inline int max_cluster_blocks(void (*kernel)(KernelArgs...)) {
+  static std::atomic<int> cache[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
+    cudaGetLastError();
+    return 1;
+  }
+  int result = cache[device].load();
+  if (result != 0) return result;
+  result = 1;
+  int major = 0;
+  cudaFuncAttributes attributes;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+      major >= 9 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+      attributes.binaryVersion >= 90) {
+    for (int blocks = 16; blocks >= 2; blocks /= 2) {
+      if (blocks > 8 &&
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+        continue;
+      }
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(unsigned(blocks));
+      config.blockDim = dim3(kBlock);
+      cudaLaunchAttribute attribute;
+      attribute.id = cudaLaunchAttributeClusterDimension;
+      attribute.val.clusterDim.x = unsigned(blocks);
+      attribute.val.clusterDim.y = 1;
+      attribute.val.clusterDim.z = 1;
+      config.attrs = &attribute;
+      config.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) {
+        result = blocks;
+        break;
+      }
+    }
+  }
+  cudaGetLastError();
+  cache[device].store(result);
+  return result;
 }
 #endif
 

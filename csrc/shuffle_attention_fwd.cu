@@ -9,10 +9,14 @@
 //  * two sweeps: planes too large to hold (or a strided layout): sweep 1 merges the
 //    statistics chunk by chunk (Chan), sweep 2 gates and writes.
 //  * channels_last: a block owns channel pairs (j, C/2 + j) of one image, whose outputs
-//    2j, 2j + 1 are adjacent, and sweeps the image twice (statistics, then gate).
+//    2j, 2j + 1 are adjacent, and sweeps the image twice (statistics, then gate). With
+//    16-byte alignment the split kernel (shuffle_attention_channels_last.cuh) does this
+//    with 16-byte accesses, its positions split over a thread-block cluster (sm_90);
+//    otherwise the scalar kernel below.
 #include <cstdint>
 
 #include "shuffle_attention.h"
+#include "shuffle_attention_channels_last.cuh"
 #include "shuffle_attention_common.cuh"
 #include "shuffle_attention_staged.cuh"
 
@@ -315,6 +319,10 @@ cudaError_t shuffle_attention_forward(const ForwardParams<T>& p, cudaStream_t st
                : per_block(forward_two_sweep_kernel<T, 1, false>);
   }
 
+  if (split_layout<T>(p.x, p.x_stride, n) && split_layout<T>(p.out, p.out_stride, n)) {
+    return launch_split<T>(forward_channels_last_split_kernel<T>, p, Variant::decode(p.variant).cluster,
+                           stream);
+  }
   const bool pair_aligned = reinterpret_cast<uintptr_t>(p.out) % (2 * sizeof(T)) == 0;
   if (is_channels_last(p.x_stride, n) && is_channels_last(p.out_stride, n) && pair_aligned) {
     const int64_t tiles = ceil_div(n.channels / 2, kChannelsLastPairs<T>);

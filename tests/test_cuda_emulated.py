@@ -288,12 +288,76 @@ def test_two_sweep_plane_too_large_to_hold(emu, dtype):
     ((1, 4, 11, 13), 1),   # 143 positions: rows do unequal work
 ])
 def test_channels_last(emu, dtype, shape, groups):
+    """The split kernels where C/2 is a multiple of 16 bytes of elements, else the scalar ones."""
     x = random_input(shape, dtype, "cpu", memory_format=torch.channels_last)
     dy = random_input(shape, dtype, "cpu", memory_format=torch.channels_last)
     fwd, bwd, (out, *_rest) = check_case(emu, x, groups, dy=dy)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert_path(fwd, [kernel("forward_channels_last_kernel", dtype)])
-    assert_path(bwd, [kernel("backward_channels_last_kernel", dtype), param_kernel(dtype)])
+    split = (shape[1] // 2) % VEC[dtype] == 0
+    name = "channels_last_split_kernel" if split else "channels_last_kernel"
+    assert_path(fwd, [kernel(f"forward_{name}", dtype)])
+    assert_path(bwd, [kernel(f"backward_{name}", dtype), param_kernel(dtype)])
+
+
+SPLIT_F, SPLIT_B = "forward_channels_last_split_kernel", "backward_channels_last_split_kernel"
+
+
+def cluster_variant(blocks):
+    return blocks << 8
+
+
+def assert_cluster(launched, name, blocks):
+    """A split launch of ``blocks`` blocks a cluster (1: an ordinary launch)."""
+    suffix = f" [cluster {blocks}]" if blocks > 1 else ""
+    assert launched.startswith(f"void {name}(") and launched.endswith(")" + suffix), launched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)  # 4, 2, 8 a pack
+@pytest.mark.parametrize("shape, groups", [
+    ((2, 16, 5, 7), 2),    # C/2 = 8: one tile (bfloat16: half of it idle)
+    ((1, 48, 4, 6), 3),    # C/2 = 24: several tiles, the last partly idle for bfloat16
+    ((1, 16, 1, 5), 2),    # 5 positions over up to 4 blocks: some blocks get none
+])
+@pytest.mark.parametrize("blocks", [1, 3, 4])
+def test_channels_last_split_clusters(emu, dtype, shape, groups, blocks):
+    """Positions split over a cluster of 1 to 4 blocks, partials merged through (emulated)
+    distributed shared memory."""
+    x = random_input(shape, dtype, "cpu", memory_format=torch.channels_last)
+    dy = random_input(shape, dtype, "cpu", memory_format=torch.channels_last)
+    fwd, bwd, _ = check_case(emu, x, groups, dy=dy, variant=cluster_variant(blocks))
+    assert_cluster(fwd[0], kernel(SPLIT_F, dtype), blocks)
+    assert_cluster(bwd[0], kernel(SPLIT_B, dtype), blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channels_last_split_automatic_cluster(emu, dtype):
+    """One work item and 512 positions on the emulated device (2 multiprocessors, clusters
+    of up to 4): the launcher picks 4 blocks, each keeping at least 128 positions."""
+    x = random_input((1, 16, 16, 32), dtype, "cpu", memory_format=torch.channels_last)
+    dy = random_input(x.shape, dtype, "cpu", memory_format=torch.channels_last)
+    fwd, bwd, _ = check_case(emu, x, 2, dy=dy)
+    assert_cluster(fwd[0], kernel(SPLIT_F, dtype), 4)
+    assert_cluster(bwd[0], kernel(SPLIT_B, dtype), 4)
+    x = random_input((1, 16, 16, 16), dtype, "cpu", memory_format=torch.channels_last)  # 256 positions
+    fwd, _, _ = check_case(emu, x, 2, dy=random_input(x.shape, dtype, "cpu", memory_format=torch.channels_last))
+    assert_cluster(fwd[0], kernel(SPLIT_F, dtype), 2)
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_channels_last_split_does_not_depend_on_the_grid(emu, blocks):
+    """Bitwise equal over grids of 1, 2 or 5 clusters (each cluster loops over items)."""
+    x = random_input((3, 32, 3, 5), torch.float32, "cpu", memory_format=torch.channels_last)
+    dy = random_input(x.shape, torch.float32, "cpu", memory_format=torch.channels_last)
+    params = random_params(4)
+    runs = []
+    for max_blocks in (1, 2, 5):
+        out, mean, rstd, _ = emu.forward(x, params, max_blocks=max_blocks, variant=cluster_variant(blocks))
+        dx, grads, _ = emu.backward(dy, x, params, mean, rstd, max_blocks=max_blocks,
+                                    variant=cluster_variant(blocks))
+        runs.append([out, mean, rstd, dx, *grads])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
 
 
 def _permuted(shape, dtype):

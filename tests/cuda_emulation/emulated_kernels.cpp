@@ -17,6 +17,11 @@ inline std::vector<std::string> g_launched;
 // Grid-stride loops cover any grid; a few blocks keep the emulation fast and make
 // every block loop over several planes.
 inline unsigned g_max_blocks = 3;
+// The emulated device: its multiprocessors (the split kernels' automatic cluster size
+// fills about twice these) and the largest cluster it runs (each emulated cluster is
+// cluster * 256 OS threads).
+inline int g_sms = 2;
+inline int g_max_cluster = 4;
 
 inline std::string symbol_name(const void* fn) {
   Dl_info info;
@@ -40,6 +45,24 @@ inline cudaError_t launch(void (*kernel)(KernelArgs...), int64_t blocks, cudaStr
   const unsigned grid = std::min(grid_for(blocks), emu::g_max_blocks);
   emu::run_grid(grid, kBlock, [&] { kernel(args...); });
   return cudaSuccess;
+}
+
+// Recorded as "name [cluster N]" so the tests can check the cluster size.
+template <typename... KernelArgs, typename... Args>
+inline cudaError_t launch_cluster(void (*kernel)(KernelArgs...), int64_t clusters, int cluster_blocks,
+                                  cudaStream_t, const Args&... args) {
+  emu::g_launched.push_back(emu::symbol_name(reinterpret_cast<const void*>(kernel)) +
+                            " [cluster " + std::to_string(cluster_blocks) + "]");
+  const unsigned count = std::min(unsigned(std::min<int64_t>(clusters, kMaxBlocks)), emu::g_max_blocks);
+  emu::run_clusters(count, unsigned(cluster_blocks), kBlock, [&] { kernel(args...); });
+  return cudaSuccess;
+}
+
+inline int device_sms() { return emu::g_sms; }
+
+template <typename... KernelArgs>
+inline int max_cluster_blocks(void (*)(KernelArgs...)) {
+  return emu::g_max_cluster;
 }
 
 }  // namespace detail
