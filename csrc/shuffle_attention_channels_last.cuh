@@ -64,7 +64,10 @@ struct SplitTiling {
   static constexpr int kLanes = 2;                // threads across a tile's pairs
   static constexpr int kPairs = kLanes * kVP;     // pairs a tile: 32 bytes of each half a position
   static constexpr int kRows = kBlock / kLanes;   // positions a block sweeps at once
-  static constexpr int kUnroll = 2;               // positions a thread loads before using any
+  // Positions a thread loads before using any: forward (x), backward (x and grad_out). Chosen
+  // by ptxas -v (sm_90): 2 in the backward took 156-172 registers (one block a multiprocessor).
+  static constexpr int kUnrollForward = 2;
+  static constexpr int kUnrollBackward = 1;
   static constexpr int kChannels = 2 * kPairs;    // channels a tile: i * kPairs + pair
 };
 
@@ -88,15 +91,14 @@ __device__ __forceinline__ PositionRange block_positions(int64_t hw, unsigned bl
   return {begin, begin + chunk < hw ? begin + chunk : hw};
 }
 
-// Positions r0, r0 + kRows, ... (kUnroll of them; those at or past `end` left alone) of
-// the two 16-byte halves at channel offsets j and C/2 + j. All loads issued before any use.
-template <typename T, typename P = Pack<T, kVec16<T>>>
-__device__ __forceinline__ int load_split_rows(P (&v)[2][SplitTiling<T>::kUnroll], const T* image,
-                                               int64_t r0, int64_t end, int64_t channels,
-                                               int64_t half_c, int64_t j) {
+// Positions r0, r0 + kRows, ... (U of them; those at or past `end` left alone) of the two
+// 16-byte halves at channel offsets j and C/2 + j. All loads issued before any use.
+template <typename T, int U, typename P = Pack<T, kVec16<T>>>
+__device__ __forceinline__ int load_split_rows(P (&v)[2][U], const T* image, int64_t r0, int64_t end,
+                                               int64_t channels, int64_t half_c, int64_t j) {
   int count = 0;  // valid positions: a prefix of u
 #pragma unroll
-  for (int u = 0; u < SplitTiling<T>::kUnroll; ++u) {
+  for (int u = 0; u < U; ++u) {
     const int64_t r = r0 + int64_t(u) * SplitTiling<T>::kRows;
     if (r < end) {
       v[0][u] = *reinterpret_cast<const P*>(image + r * channels + j);
@@ -106,6 +108,55 @@ __device__ __forceinline__ int load_split_rows(P (&v)[2][SplitTiling<T>::kUnroll
   }
   return count;
 }
+
+// Running statistics of K channels over the same positions: one count, so a merge takes
+// one division for all K (Chan's merge of Welford states, as welford_merge). A merge
+// starts with `weights(count)`, then folds each channel in (channel by channel, so only
+// one channel's temporaries are live at a time), then `commit(count)`.
+template <typename Acc, int K>
+struct SharedCountStats {
+  Acc mean[K], m2[K];
+  int n;
+
+  struct Weights {
+    Acc frac;   // count / (n + count)
+    Acc cross;  // n * count / (n + count)
+  };
+
+  __device__ __forceinline__ void reset() {
+#pragma unroll
+    for (int k = 0; k < K; ++k) mean[k] = m2[k] = Acc(0);
+    n = 0;
+  }
+
+  __device__ __forceinline__ Weights weights(int count) const {
+    const Acc frac = Acc(count) / Acc(n + count);
+    return {frac, Acc(n) * frac};
+  }
+
+  // Channel k's new positions: their mean and centred sum of squares.
+  __device__ __forceinline__ void fold(int k, Acc b_mean, Acc b_m2, const Weights& w) {
+    const Acc delta = b_mean - mean[k];
+    mean[k] += delta * w.frac;
+    m2[k] += b_m2 + delta * delta * w.cross;
+  }
+
+  __device__ __forceinline__ void commit(int count) { n += count; }
+
+  // Merges the state of the lane `offset` above (a shuffle tree: lane 0 of each group ends
+  // with the group's statistics). Every lane takes part.
+  __device__ __forceinline__ void merge_down(int offset) {
+    const int count = __shfl_down_sync(kFullMask, n, offset);
+    const Weights w = weights(count > 0 ? count : 1);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const Acc b_mean = __shfl_down_sync(kFullMask, mean[k], offset);
+      const Acc b_m2 = __shfl_down_sync(kFullMask, m2[k], offset);
+      if (count > 0) fold(k, b_mean, b_m2, w);
+    }
+    commit(count);
+  }
+};
 
 template <typename Acc, int N>
 struct SplitForwardShared {
@@ -120,6 +171,7 @@ __global__ void __launch_bounds__(kBlock) forward_channels_last_split_kernel(con
   using S = SplitTiling<T>;
   constexpr int VP = S::kVP;
   using P = Pack<T, VP>;
+  constexpr int kUnroll = S::kUnrollForward;
   auto& sh = block_shared<SplitForwardShared<Acc, S::kChannels>>();
   const ClusterGroup cluster = cluster_group();
   const unsigned blocks = cluster.num_blocks();
@@ -143,43 +195,44 @@ __global__ void __launch_bounds__(kBlock) forward_channels_last_split_kernel(con
     const bool active = j < half_c;  // inactive lanes still reach every barrier
     const T* x = p.x + b * hw * channels;
 
-    // Sweep 1: Welford statistics of channels j + e (i = 0) and C/2 + j + e (i = 1).
-    Welford<Acc> st[2][VP];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-      for (int e = 0; e < VP; ++e) st[i][e] = {Acc(0), Acc(0), 0};
-    }
+    // Sweep 1: statistics of channels j + e (k = e) and C/2 + j + e (k = VP + e) over this
+    // thread's positions, kUnroll at a time (their mean and centred squares first).
+    SharedCountStats<Acc, 2 * VP> st;
+    st.reset();
     if (active) {
-      for (int64_t r0 = mine.begin + row; r0 < mine.end; r0 += int64_t(S::kRows) * S::kUnroll) {
-        P v[2][S::kUnroll];
-        const int count = load_split_rows<T>(v, x, r0, mine.end, channels, half_c, j);
+      for (int64_t r0 = mine.begin + row; r0 < mine.end; r0 += int64_t(S::kRows) * kUnroll) {
+        P v[2][kUnroll];
+        const int count = load_split_rows<T, kUnroll>(v, x, r0, mine.end, channels, half_c, j);
+        const Acc inv_count = Acc(1) / Acc(count);
+        const auto w = st.weights(count);
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int k = 0; k < 2 * VP; ++k) {
+          Acc sum = Acc(0);
 #pragma unroll
-          for (int e = 0; e < VP; ++e) {
-            Acc vals[S::kUnroll];
-#pragma unroll
-            for (int u = 0; u < S::kUnroll; ++u) vals[u] = u < count ? to_acc(v[i][u].v[e]) : Acc(0);
-            st[i][e] = welford_merge(st[i][e], welford_of(vals, count));
+          for (int u = 0; u < kUnroll; ++u) {
+            if (u < count) sum += to_acc(v[k / VP][u].v[k % VP]);
           }
+          const Acc b_mean = sum * inv_count;
+          Acc b_m2 = Acc(0);
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            if (u < count) {
+              const Acc d = to_acc(v[k / VP][u].v[k % VP]) - b_mean;
+              b_m2 += d * d;
+            }
+          }
+          st.fold(k, b_mean, b_m2, w);
         }
+        st.commit(count);
       }
     }
     // Rows of a warp (lanes of the same `lane`), a shuffle tree: lane `lane` ends with the warp's.
 #pragma unroll
-    for (int offset = kWarp / 2; offset >= S::kLanes; offset /= 2) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int e = 0; e < VP; ++e) st[i][e] = welford_merge(st[i][e], shfl_down(st[i][e], offset));
-      }
-    }
+    for (int offset = kWarp / 2; offset >= S::kLanes; offset /= 2) st.merge_down(offset);
     if (threadIdx.x % kWarp < S::kLanes) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int e = 0; e < VP; ++e) sh.warp_stats[warp][i * S::kPairs + lane * VP + e] = st[i][e];
+      for (int k = 0; k < 2 * VP; ++k) {
+        sh.warp_stats[warp][(k / VP) * S::kPairs + lane * VP + k % VP] = {st.mean[k], st.m2[k], st.n};
       }
     }
     __syncthreads();
@@ -214,11 +267,11 @@ __global__ void __launch_bounds__(kBlock) forward_channels_last_split_kernel(con
     // Sweep 2: gate both halves, interleave, two 16-byte stores a position.
     if (active) {
       T* out = p.out + b * hw * channels;
-      for (int64_t r0 = mine.begin + row; r0 < mine.end; r0 += int64_t(S::kRows) * S::kUnroll) {
-        P v[2][S::kUnroll];
-        load_split_rows<T>(v, x, r0, mine.end, channels, half_c, j);
+      for (int64_t r0 = mine.begin + row; r0 < mine.end; r0 += int64_t(S::kRows) * kUnroll) {
+        P v[2][kUnroll];
+        load_split_rows<T, kUnroll>(v, x, r0, mine.end, channels, half_c, j);
 #pragma unroll
-        for (int u = 0; u < S::kUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
           const int64_t r = r0 + int64_t(u) * S::kRows;
           if (r < mine.end) {
             P o[2];
@@ -233,8 +286,8 @@ __global__ void __launch_bounds__(kBlock) forward_channels_last_split_kernel(con
               }
             }
             P* dst = reinterpret_cast<P*>(out + r * channels + 2 * j);
-            dst[0] = o[0];
-            dst[1] = o[1];
+            store16(dst, o[0]);
+            store16(dst + 1, o[1]);
           }
         }
       }
@@ -253,12 +306,15 @@ struct SplitBackwardShared {
   GradCoefficients<Acc> coeff[N];
 };
 
+// At most 128 registers (two blocks a multiprocessor): without the bound, ptxas gave the
+// bfloat16 instance 161 (sm_90); with it, none spills.
 template <typename T>
-__global__ void __launch_bounds__(kBlock) backward_channels_last_split_kernel(const BackwardParams<T> p) {
+__global__ void __launch_bounds__(kBlock, 2) backward_channels_last_split_kernel(const BackwardParams<T> p) {
   using Acc = acc_t<T>;
   using S = SplitTiling<T>;
   constexpr int VP = S::kVP;
   using P = Pack<T, VP>;
+  constexpr int kUnroll = S::kUnrollBackward;
   auto& sh = block_shared<SplitBackwardShared<Acc, S::kChannels>>();
   const ClusterGroup cluster = cluster_group();
   const unsigned blocks = cluster.num_blocks();
@@ -310,11 +366,11 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_split_kernel(co
       for (int e = 0; e < VP; ++e) sums[i][e][0] = sums[i][e][1] = Acc(0);
     }
     if (active) {
-      for (int64_t r0 = mine.begin + row; r0 < mine.end; r0 += int64_t(S::kRows) * S::kUnroll) {
-        P v[2][S::kUnroll], d[2][S::kUnroll];
-        load_split_rows<T>(v, x, r0, mine.end, channels, half_c, j);
+      for (int64_t r0 = mine.begin + row; r0 < mine.end; r0 += int64_t(S::kRows) * kUnroll) {
+        P v[2][kUnroll], d[2][kUnroll];
+        load_split_rows<T, kUnroll>(v, x, r0, mine.end, channels, half_c, j);
 #pragma unroll
-        for (int u = 0; u < S::kUnroll; ++u) {  // grad_out at output channels 2j .. 2j + 2 VP - 1
+        for (int u = 0; u < kUnroll; ++u) {  // grad_out at output channels 2j .. 2j + 2 VP - 1
           const int64_t r = r0 + int64_t(u) * S::kRows;
           if (r < mine.end) {
             const P* src = reinterpret_cast<const P*>(dy + r * channels + 2 * j);
@@ -323,7 +379,7 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_split_kernel(co
           }
         }
 #pragma unroll
-        for (int u = 0; u < S::kUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
           if (r0 + int64_t(u) * S::kRows < mine.end) {
 #pragma unroll
             for (int e = 0; e < VP; ++e) {
@@ -393,11 +449,11 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_split_kernel(co
     // Sweep 2: dx of both halves at this thread's positions, 16-byte stores.
     if (active) {
       T* dx = p.grad_x + base;
-      for (int64_t r0 = mine.begin + row; r0 < mine.end; r0 += int64_t(S::kRows) * S::kUnroll) {
-        P v[2][S::kUnroll], d[2][S::kUnroll];
-        load_split_rows<T>(v, x, r0, mine.end, channels, half_c, j);
+      for (int64_t r0 = mine.begin + row; r0 < mine.end; r0 += int64_t(S::kRows) * kUnroll) {
+        P v[2][kUnroll], d[2][kUnroll];
+        load_split_rows<T, kUnroll>(v, x, r0, mine.end, channels, half_c, j);
 #pragma unroll
-        for (int u = 0; u < S::kUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
           const int64_t r = r0 + int64_t(u) * S::kRows;
           if (r < mine.end) {
             const P* src = reinterpret_cast<const P*>(dy + r * channels + 2 * j);
@@ -406,7 +462,7 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_split_kernel(co
           }
         }
 #pragma unroll
-        for (int u = 0; u < S::kUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
           const int64_t r = r0 + int64_t(u) * S::kRows;
           if (r < mine.end) {
 #pragma unroll
@@ -421,7 +477,7 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_split_kernel(co
                 const ElementGrad<Acc> g = element_grad(to_acc(v[i][u].v[e]), dye, sh.mean[k], gate);
                 o.v[e] = grad_x<T>(dye, g, gate, sh.coeff[k]);
               }
-              *reinterpret_cast<P*>(dx + r * channels + i * half_c + j) = o;
+              store16(reinterpret_cast<P*>(dx + r * channels + i * half_c + j), o);
             }
           }
         }

@@ -114,11 +114,12 @@ VEC16 = {"float": 4, "double": 2, "__half": 8, "__nv_bfloat16": 8}  # elements p
 
 
 def _is_vectorised(kernel):
-    """Kernels that move 16-byte packs: staged, parameter-gradient (4-value rows), and held or
-    two-sweep kernels whose VEC template argument is 16 bytes of elements."""
+    """Kernels that move 16-byte packs: staged, channels_last split, parameter-gradient (4-value
+    rows), and held or two-sweep kernels whose VEC template argument is 16 bytes of elements."""
     name, args = kernel.split("<", 1)
     args = [a.strip() for a in args.rstrip(">").split(",")]
-    if name in ("forward_staged_kernel", "backward_staged_kernel", "param_grad_kernel"):
+    if name in ("forward_staged_kernel", "backward_staged_kernel", "param_grad_kernel",
+                "forward_channels_last_split_kernel", "backward_channels_last_split_kernel"):
         return True
     return name.endswith(("held_kernel", "two_sweep_kernel")) and args[1] == str(VEC16[args[0]])
 
