@@ -112,6 +112,20 @@ HELD_F, HELD_B = "forward_held_kernel", "backward_held_kernel"
 STAGED_F, STAGED_B = "forward_staged_kernel", "backward_staged_kernel"
 SWEEP_F, SWEEP_B = "forward_two_sweep_kernel", "backward_two_sweep_kernel"
 NHWC_F, NHWC_B = "forward_channels_last_kernel", "backward_channels_last_kernel"
+SPLIT_F, SPLIT_B = "forward_channels_last_split_kernel", "backward_channels_last_split_kernel"
+
+
+def channels_last_kernel(direction, channels):
+    """The split kernel where C/2 is a multiple of 16 bytes of elements, else the scalar one."""
+    def spec(dtype, hw):
+        split = (channels // 2) % VEC[dtype] == 0
+        return (f"{direction}_channels_last_split_kernel" if split else f"{direction}_channels_last_kernel",)
+    return spec
+
+
+def cluster(blocks):
+    """The variant forcing clusters of ``blocks`` blocks on the split kernels (1: no cluster)."""
+    return blocks << 8
 CL = torch.channels_last
 
 CASES = {
@@ -134,8 +148,22 @@ CASES = {
     "two_sweep_forced": Case(_x((2, 16, 24, 24)), 2, (SWEEP_F, "V", "false"), (SWEEP_B, "V", "false"), limit=0),
     "two_sweep_forced_scalar": Case(_x((2, 16, 9, 11)), 2, (SWEEP_F, 1, "false"), (SWEEP_B, 1, "false"), limit=0),
     "two_sweep_large": Case(_x((1, 4, 200, 200)), 1, (SWEEP_F, "V", "false"), (SWEEP_B, "V", "false")),
-    "channels_last": Case(_x((4, 64, 14, 14), CL), 4, (NHWC_F,), (NHWC_B,), dy_format=CL),
-    "channels_last_odd": Case(_x((2, 24, 7, 9), CL), 3, (NHWC_F,), (NHWC_B,), dy_format=CL),
+    "channels_last": Case(_x((4, 64, 14, 14), CL), 4, (SPLIT_F,), (SPLIT_B,), dy_format=CL),
+    "channels_last_odd": Case(_x((2, 24, 7, 9), CL), 3, channels_last_kernel("forward", 24),
+                              channels_last_kernel("backward", 24), dy_format=CL),
+    "channels_last_scalar": Case(_x((2, 14, 5, 7), CL), 7, (NHWC_F,), (NHWC_B,), dy_format=CL),  # C/2 = 7
+    # Few images and channels, many positions: the launcher's own cluster size (16 on an
+    # H100 or H200: one work item for 132 multiprocessors), then forced sizes, none included.
+    "cluster_auto": Case(_x((1, 32, 64, 64), CL), 4, (SPLIT_F,), (SPLIT_B,), dy_format=CL),
+    "cluster_none": Case(_x((1, 32, 40, 40), CL), 4, (SPLIT_F,), (SPLIT_B,), dy_format=CL,
+                         variant=cluster(1)),
+    "cluster_2": Case(_x((2, 32, 13, 17), CL), 2, (SPLIT_F,), (SPLIT_B,), dy_format=CL, variant=cluster(2)),
+    "cluster_3": Case(_x((1, 48, 9, 11), CL), 3, (SPLIT_F,), (SPLIT_B,), dy_format=CL, variant=cluster(3)),
+    "cluster_8": Case(_x((1, 32, 40, 40), CL), 4, (SPLIT_F,), (SPLIT_B,), dy_format=CL, variant=cluster(8)),
+    "cluster_16": Case(_x((1, 32, 40, 40), CL), 4, (SPLIT_F,), (SPLIT_B,), dy_format=CL,
+                       variant=cluster(16)),
+    "cluster_16_few_positions": Case(_x((1, 32, 3, 4), CL), 4, (SPLIT_F,), (SPLIT_B,), dy_format=CL,
+                                     variant=cluster(16)),  # 12 positions: blocks without any
     "permuted": Case(_permuted((2, 16, 10, 12)), 2, (SWEEP_F, 1, "true"), (SWEEP_B, 1, "true")),
     "sliced_w": Case(_sliced_w((2, 16, 6, 9)), 2, (SWEEP_F, 1, "true"), (SWEEP_B, 1, "true")),
     "channel_slice": Case(_channel_slice((2, 16, 8, 8), 4), 2, (STAGED_F,), (STAGED_B,)),
@@ -313,7 +341,8 @@ def test_grad_out_with_any_strides(make_dy, x_format):
 
 # ---- integration: graphs, compile, opcheck, streams ------------------------------------
 
-@pytest.mark.parametrize("case_name", ["warp_7x7", "block_vec", "channels_last", "two_sweep_forced", "permuted"])
+@pytest.mark.parametrize("case_name", ["warp_7x7", "staged_7x7", "block_vec", "channels_last", "cluster_auto",
+                                       "cluster_8", "two_sweep_forced", "permuted"])
 def test_cuda_graph_capture_and_replay(case_name):
     case = CASES[case_name]
     ref, fused, x, dy = make_problem(case, torch.float32)
@@ -454,3 +483,24 @@ def test_offsets_beyond_2_31(memory_format):
     torch.testing.assert_close(mean[tail], ref_mean, atol=1e-5, rtol=1e-5)
     ref_dx = torch_math.backward(dy[tail], x[tail], *params, ref_mean, ref_rstd, 1, EPS)[0]
     torch.testing.assert_close(dx[tail], ref_dx, **TOLERANCES[torch.float16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cluster_sizes_agree(dtype):
+    """The same channels_last problem split over 1, 2, 4, 8 and 16 blocks a cluster: each within
+    the reference's tolerance (test_matches_reference), and all within rounding of each other.
+    Where the device has no clusters every size runs unsplit: the check still holds."""
+    ref = random_reference(64, 4, "cuda", param_dtype(dtype))
+    fused = FusedShuffleAttention.from_module(ref, backend="cuda")
+    x = random_input((2, 64, 48, 40), dtype, "cuda", CL)
+    dy = random_input(x.shape, dtype, "cuda", CL)
+    results = {}
+    for blocks in (1, 2, 4, 8, 16):
+        case = Case(lambda d: x, 4, (SPLIT_F,), (SPLIT_B,), dy_format=CL, variant=cluster(blocks))
+        results[blocks] = run_fused(fused, x, dy, case)
+    tol = {k: 2 * v for k, v in TOLERANCES[dtype].items()}
+    for blocks, (out, dx, grads) in results.items():
+        torch.testing.assert_close(out, results[1][0], **tol, msg=lambda m: f"{blocks} blocks, out: {m}")
+        torch.testing.assert_close(dx, results[1][1], **tol, msg=lambda m: f"{blocks} blocks, dx: {m}")
+        for name in PARAM_NAMES:
+            assert_rel_close(grads[name], results[1][2][name].to(torch.float64), 4e-5, name)
