@@ -104,12 +104,14 @@ struct BackwardParams {
 // The measurement hook's integer, decoded. Each field forces one kernel family where it
 // can run (and is ignored where it cannot); 0 leaves the choice to the launcher.
 //   bits 0-3   contiguous (NCHW) planes: 1 one plane per team (held in registers, or two
-//              sweeps), 2 several small planes per block staged in shared memory
+//              sweeps), 2 several small planes per block staged in shared memory, 3 one
+//              plane per thread-block cluster held in registers (sm_90; bits 8-15, if 2 or
+//              more, give its blocks)
 //   bits 4-7   parameter-gradient reduction: 1 a warp per parameter index, 2 a block
 //   bits 8-15  channels_last: 1 one block per channel tile, n >= 2 the H * W positions of
 //              each tile split over a thread-block cluster of n blocks (sm_90 only)
 struct Variant {
-  enum Planes : int { kPlanesAuto = 0, kPlanesPerPlane = 1, kPlanesStaged = 2 };
+  enum Planes : int { kPlanesAuto = 0, kPlanesPerPlane = 1, kPlanesStaged = 2, kPlanesCluster = 3 };
   enum Reduce : int { kReduceAuto = 0, kReduceWarp = 1, kReduceBlock = 2 };
   int planes;
   int reduce;

@@ -12,6 +12,7 @@
 #include "shuffle_attention.h"
 #include "shuffle_attention_channels_last.cuh"
 #include "shuffle_attention_common.cuh"
+#include "shuffle_attention_plane_cluster.cuh"
 #include "shuffle_attention_staged.cuh"
 
 namespace sa_kernels {
@@ -389,7 +390,9 @@ cudaError_t launch_dx(const BackwardParams<T>& p, cudaStream_t stream) {
                      planes_vector_aligned(p.grad_x, p.grad_x_stride, n, V);
     const bool held = p.register_plane_limit < 0 || hw <= p.register_plane_limit;
     const Variant variant = Variant::decode(p.variant);
-    if (held && variant.planes != Variant::kPlanesPerPlane &&
+    const bool may_stage =
+        variant.planes == Variant::kPlanesAuto || variant.planes == Variant::kPlanesStaged;
+    if (held && may_stage &&
         staged_layout(p.x, p.x_stride, n, V) && staged_layout(p.grad_out, p.grad_out_stride, n, V) &&
         staged_layout(p.grad_x, p.grad_x_stride, n, V)) {
       const StagedTiling tiling = staged_plan<T>(n);
@@ -397,6 +400,13 @@ cudaError_t launch_dx(const BackwardParams<T>& p, cudaStream_t stream) {
     }
     // As in the forward; two tensors are held here, so at most 8 packs of each.
     const int64_t packs = hw / V;
+    if (held && vec) {
+      const int blocks = plane_cluster_blocks(planes, packs, int64_t(kBlock) * 8, variant,
+                                              max_cluster_blocks(backward_plane_cluster_kernel<T>));
+      if (blocks > 0) {
+        return launch_cluster(backward_plane_cluster_kernel<T>, planes, blocks, stream, p);
+      }
+    }
     const auto per_team = [&](auto kernel, int team) {  // kBlock / team planes a block
       return launch(kernel, ceil_div(planes, kBlock / team), stream, p);
     };

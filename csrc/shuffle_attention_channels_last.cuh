@@ -20,43 +20,11 @@
 #include <cstdint>
 
 #include "shuffle_attention.h"
+#include "shuffle_attention_cluster.cuh"
 #include "shuffle_attention_common.cuh"
-
-#if !defined(SA_KERNELS_EMULATION)
-#include <cooperative_groups.h>
-#endif
 
 namespace sa_kernels {
 namespace detail {
-
-// ---- the cluster, as the split kernels use it -----------------------------------------
-
-#if defined(SA_KERNELS_EMULATION)
-using ClusterGroup = emu::ClusterGroup;
-inline ClusterGroup cluster_group() { return emu::this_cluster(); }
-template <typename S> S& block_shared() { return emu::block_shared<S>(); }
-#else
-// A block that is its own cluster: the kernels' form where clusters do not exist (sm_80).
-struct SingleBlockCluster {
-  __device__ unsigned block_rank() const { return 0; }
-  __device__ unsigned num_blocks() const { return 1; }
-  __device__ void sync() const { __syncthreads(); }
-  template <typename U> __device__ U* map_shared_rank(U* p, unsigned) const { return p; }
-};
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-using ClusterGroup = cooperative_groups::cluster_group;
-__device__ __forceinline__ ClusterGroup cluster_group() { return cooperative_groups::this_cluster(); }
-#else
-using ClusterGroup = SingleBlockCluster;
-__device__ __forceinline__ ClusterGroup cluster_group() { return {}; }
-#endif
-// The block's shared state of a split kernel (mapped across the cluster by map_shared_rank).
-template <typename S>
-__device__ __forceinline__ S& block_shared() {
-  __shared__ S state;
-  return state;
-}
-#endif
 
 template <typename T>
 struct SplitTiling {
@@ -246,7 +214,9 @@ __global__ void __launch_bounds__(kBlock) forward_channels_last_split_kernel(con
 
     if (t < S::kChannels) {
       Welford<Acc> s = *cluster.map_shared_rank(&sh.block_stats[t], 0);
-      for (unsigned r = 1; r < blocks; ++r) s = welford_merge(s, *cluster.map_shared_rank(&sh.block_stats[t], r));
+      for (unsigned r = 1; r < blocks; ++r) {
+        s = welford_merge(s, *cluster.map_shared_rank(&sh.block_stats[t], r));
+      }
       const int i = t / S::kPairs;
       const int64_t jt = tile_j + t % S::kPairs;
       if (jt < half_c) {
@@ -309,7 +279,8 @@ struct SplitBackwardShared {
 // At most 128 registers (two blocks a multiprocessor): without the bound, ptxas gave the
 // bfloat16 instance 161 (sm_90); with it, none spills.
 template <typename T>
-__global__ void __launch_bounds__(kBlock, 2) backward_channels_last_split_kernel(const BackwardParams<T> p) {
+__global__ void __launch_bounds__(kBlock, 2)
+    backward_channels_last_split_kernel(const BackwardParams<T> p) {
   using Acc = acc_t<T>;
   using S = SplitTiling<T>;
   constexpr int VP = S::kVP;
@@ -388,8 +359,8 @@ __global__ void __launch_bounds__(kBlock, 2) backward_channels_last_split_kernel
                 const int k = i * S::kPairs + lane * VP + e;
                 const int o = 2 * e + i;
                 const PlaneGate<Acc> gate{sh.alpha[k], sh.beta[k], false, 0};
-                const ElementGrad<Acc> g = element_grad(to_acc(v[i][u].v[e]), to_acc(d[o / VP][u].v[o % VP]),
-                                                        sh.mean[k], gate);
+                const Acc dye = to_acc(d[o / VP][u].v[o % VP]);
+                const ElementGrad<Acc> g = element_grad(to_acc(v[i][u].v[e]), dye, sh.mean[k], gate);
                 sums[i][e][0] += g.dt;
                 sums[i][e][1] += g.dt * g.xc;
               }

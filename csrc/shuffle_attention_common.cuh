@@ -47,7 +47,8 @@ template <typename... KernelArgs, typename... Args>
 inline cudaError_t launch_cluster(void (*kernel)(KernelArgs...), int64_t clusters,
                                   int cluster_blocks, cudaStream_t stream, const Args&... args) {
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned(grid_for(clusters * cluster_blocks) / cluster_blocks * cluster_blocks));
+  const unsigned blocks = grid_for(clusters * cluster_blocks) / cluster_blocks * cluster_blocks;
+  config.gridDim = dim3(blocks);
   config.blockDim = dim3(kBlock);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
@@ -99,10 +100,8 @@ inline int max_cluster_blocks(void (*kernel)(KernelArgs...)) {
       major >= 9 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
       attributes.binaryVersion >= 90) {
     for (int blocks = 16; blocks >= 2; blocks /= 2) {
-      if (blocks > 8 &&
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-        continue;
-      }
+      const cudaFuncAttribute non_portable = cudaFuncAttributeNonPortableClusterSizeAllowed;
+      if (blocks > 8 && cudaFuncSetAttribute(kernel, non_portable, 1) != cudaSuccess) continue;
       cudaLaunchConfig_t config = {};
       config.gridDim = dim3(unsigned(blocks));
       config.blockDim = dim3(kBlock);

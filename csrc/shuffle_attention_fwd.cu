@@ -6,6 +6,8 @@
 //  * planes held on chip: each plane is read once into registers by a team (a warp for
 //    small planes, the whole block otherwise); mean, then the centred sum of squares
 //    from the held values; then the gated values are written.
+//  * planes too large for one block: a thread-block cluster holds each plane
+//    (shuffle_attention_plane_cluster.cuh, sm_90).
 //  * two sweeps: planes too large to hold (or a strided layout): sweep 1 merges the
 //    statistics chunk by chunk (Chan), sweep 2 gates and writes.
 //  * channels_last: a block owns channel pairs (j, C/2 + j) of one image, whose outputs
@@ -18,6 +20,7 @@
 #include "shuffle_attention.h"
 #include "shuffle_attention_channels_last.cuh"
 #include "shuffle_attention_common.cuh"
+#include "shuffle_attention_plane_cluster.cuh"
 #include "shuffle_attention_staged.cuh"
 
 namespace sa_kernels {
@@ -289,7 +292,9 @@ cudaError_t shuffle_attention_forward(const ForwardParams<T>& p, cudaStream_t st
                      planes_vector_aligned(p.out, p.out_stride, n, V);
     const bool held = p.register_plane_limit < 0 || hw <= p.register_plane_limit;
     const Variant variant = Variant::decode(p.variant);
-    if (held && variant.planes != Variant::kPlanesPerPlane &&
+    const bool may_stage =
+        variant.planes == Variant::kPlanesAuto || variant.planes == Variant::kPlanesStaged;
+    if (held && may_stage &&
         staged_layout(p.x, p.x_stride, n, V) && staged_layout(p.out, p.out_stride, n, V)) {
       const StagedTiling tiling = staged_plan<T>(n);
       if (tiling.run > 0) return launch(forward_staged_kernel<T>, n.batch * tiling.tiles, stream, p);
@@ -298,7 +303,15 @@ cudaError_t shuffle_attention_forward(const ForwardParams<T>& p, cudaStream_t st
     // VEC elements fits a plane of H * W <= TEAM * ITEMS * VEC. With 16-byte packs the
     // smallest team that fits a plane in 8 packs a thread: threads hold 4 to 8 packs, all
     // in flight at once (the held bytes per register, hence per multiprocessor, stay high).
+    // Planes larger than a block holds: a cluster of blocks holds them (sm_90).
     const int64_t packs = hw / V;
+    if (held && vec) {
+      const int blocks = plane_cluster_blocks(planes, packs, int64_t(kBlock) * 16, variant,
+                                              max_cluster_blocks(forward_plane_cluster_kernel<T>));
+      if (blocks > 0) {
+        return launch_cluster(forward_plane_cluster_kernel<T>, planes, blocks, stream, p);
+      }
+    }
     const auto per_team = [&](auto kernel, int team) {  // kBlock / team planes a block
       return launch(kernel, ceil_div(planes, kBlock / team), stream, p);
     };

@@ -5,10 +5,10 @@
 // planes 2 j0 .. 2 (j0 + n) - 1, i.e. input planes j0 .. j0 + n - 1 and C/2 + j0 ..
 // C/2 + j0 + n - 1 of one image: two contiguous runs of n * H * W input elements and one
 // contiguous run of 2n * H * W output elements. Every thread issues all its 16-byte copies
-// of the tile into shared memory at once (cp.async: no registers held); a team of S lanes per plane reduces the plane's
-// statistics (fixed order: bitwise reproducible) and writes its gated values into an
-// output-ordered tile (plane by plane: the shuffle costs no per-element index arithmetic);
-// then the block writes that tile with 16-byte stores.
+// of the tile into shared memory at once (cp.async: no registers held); a team of S lanes
+// per plane reduces the plane's statistics (fixed order: bitwise reproducible) and writes
+// its gated values into an output-ordered tile (plane by plane: the shuffle costs no
+// per-element index arithmetic); then the block writes that tile with 16-byte stores.
 //
 // Needs every plane contiguous with the channels packed (channel stride H * W), 16-byte
 // aligned pointers, batch strides and runs (staged_tiling checks the rest).

@@ -88,10 +88,22 @@ def _large_held(dtype):
     return random_input((2, 8) + LARGE_HW[dtype], dtype, "cuda")
 
 
+def has_clusters():
+    return torch.cuda.get_device_capability() >= (9, 0)
+
+
+def where_clusters(kernel):
+    """``kernel`` where the device has thread-block clusters; elsewhere the forced variant
+    falls back to the launcher's choice, which the case does not check."""
+    return lambda dtype, hw: (kernel,) if has_clusters() else None
+
+
 def held_vector(kernel, max_items):
     """The held kernel the launchers pick for 16-byte packs, as a spec for kernel_name: the
     smallest team (a warp, 2 or 4 warps, the block) holding the plane in 8 packs a thread,
-    then 16 (forward only), else the two-sweep kernel. A function of (dtype, H * W)."""
+    then 16 (forward only); past that a thread-block cluster holding the plane at 1024 packs
+    a block (sm_90), else the two-sweep kernel. None where the device decides (clusters of 9
+    to 16 blocks need its non-portable cluster sizes). A function of (dtype, H * W)."""
     def spec(dtype, hw):
         packs = hw // VEC[dtype]
         for team in (32, 64, 128, 256):
@@ -99,17 +111,23 @@ def held_vector(kernel, max_items):
                 return (kernel, "V", 8, team)
         if max_items >= 16 and packs <= 256 * 16:
             return (kernel, "V", 16, 256)
+        blocks = -(-packs // 1024)
+        if has_clusters() and blocks <= 8:
+            return (kernel.replace("held", "plane_cluster"),)
+        if has_clusters() and blocks <= 16:
+            return None
         return (kernel.replace("held", "two_sweep"), "V", "false")
     return spec
 
 
 # Variant fields (csrc/shuffle_attention.h, Variant): the measurement hook's integer.
-PLANES_PER_PLANE, PLANES_STAGED = 1, 2
+PLANES_PER_PLANE, PLANES_STAGED, PLANES_CLUSTER = 1, 2, 3
 REDUCE_WARP, REDUCE_BLOCK = 1 << 4, 2 << 4
 PER_PLANE = dict(variant=PLANES_PER_PLANE)  # small planes that would be staged, per plane instead
 
 HELD_F, HELD_B = "forward_held_kernel", "backward_held_kernel"
 STAGED_F, STAGED_B = "forward_staged_kernel", "backward_staged_kernel"
+PLANE_CLUSTER_F, PLANE_CLUSTER_B = "forward_plane_cluster_kernel", "backward_plane_cluster_kernel"
 SWEEP_F, SWEEP_B = "forward_two_sweep_kernel", "backward_two_sweep_kernel"
 NHWC_F, NHWC_B = "forward_channels_last_kernel", "backward_channels_last_kernel"
 SPLIT_F, SPLIT_B = "forward_channels_last_split_kernel", "backward_channels_last_split_kernel"
@@ -147,7 +165,14 @@ CASES = {
     "misaligned": Case(_misaligned((2, 8, 32, 32)), 2, (HELD_F, 1, 4, 256), (HELD_B, 1, 4, 256)),
     "two_sweep_forced": Case(_x((2, 16, 24, 24)), 2, (SWEEP_F, "V", "false"), (SWEEP_B, "V", "false"), limit=0),
     "two_sweep_forced_scalar": Case(_x((2, 16, 9, 11)), 2, (SWEEP_F, 1, "false"), (SWEEP_B, 1, "false"), limit=0),
-    "two_sweep_large": Case(_x((1, 4, 200, 200)), 1, (SWEEP_F, "V", "false"), (SWEEP_B, "V", "false")),
+    "two_sweep_large": Case(_x((1, 4, 200, 200)), 1, (SWEEP_F, "V", "false"), (SWEEP_B, "V", "false"),
+                            **PER_PLANE),
+    "plane_cluster_large": Case(_x((2, 4, 160, 160)), 1, held_vector(HELD_F, 16), held_vector(HELD_B, 8)),
+    "plane_cluster_forced": Case(_x((2, 8, 24, 40)), 2, where_clusters(PLANE_CLUSTER_F),
+                                 where_clusters(PLANE_CLUSTER_B), variant=PLANES_CLUSTER | cluster(3)),
+    "plane_cluster_forced_empty_blocks": Case(_x((2, 8, 2, 8)), 2, where_clusters(PLANE_CLUSTER_F),
+                                              where_clusters(PLANE_CLUSTER_B),
+                                              variant=PLANES_CLUSTER | cluster(4)),  # bf16: 2 packs
     "channels_last": Case(_x((4, 64, 14, 14), CL), 4, (SPLIT_F,), (SPLIT_B,), dy_format=CL),
     "channels_last_odd": Case(_x((2, 24, 7, 9), CL), 3, channels_last_kernel("forward", 24),
                               channels_last_kernel("backward", 24), dy_format=CL),
@@ -178,8 +203,11 @@ CASES = {
 
 
 def kernel_name(spec, dtype, hw=None):
+    """The kernel's name as the profiler shows it; None where the case leaves it to the device."""
     if callable(spec):
         spec = spec(dtype, hw)
+    if spec is None:
+        return None
     name, *args = spec
     args = [str(VEC[dtype]) if a == "V" else str(a) for a in args]
     return f"{name}<{', '.join([KERNEL_TYPE[dtype]] + args)}>"
@@ -285,7 +313,8 @@ def test_path_choice(case_name, dtype):
     hw = x.shape[2] * x.shape[3]
     for expected in (kernel_name(case.forward_kernel, dtype, hw), kernel_name(case.backward_kernel, dtype, hw),
                      f"param_grad_kernel<{KERNEL_TYPE[dtype]}, {case.param_team}>"):
-        assert sum(expected in n for n in names) == 1, f"expected one {expected}, launched {names}"
+        if expected is not None:
+            assert sum(expected in n for n in names) == 1, f"expected one {expected}, launched {names}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

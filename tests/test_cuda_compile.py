@@ -119,7 +119,8 @@ def _is_vectorised(kernel):
     name, args = kernel.split("<", 1)
     args = [a.strip() for a in args.rstrip(">").split(",")]
     if name in ("forward_staged_kernel", "backward_staged_kernel", "param_grad_kernel",
-                "forward_channels_last_split_kernel", "backward_channels_last_split_kernel"):
+                "forward_channels_last_split_kernel", "backward_channels_last_split_kernel",
+                "forward_plane_cluster_kernel", "backward_plane_cluster_kernel"):
         return True
     return name.endswith(("held_kernel", "two_sweep_kernel")) and args[1] == str(VEC16[args[0]])
 
@@ -129,6 +130,10 @@ def _is_vectorised(kernel):
 # local memory (a run-time index) shows as tens of bytes or more, and as LDL/STL in loops.
 MAX_CALL_SAVE_BYTES = 8
 MAX_LOCAL_ACCESSES = 4
+# float64 (the correctness dtype) divides and takes square roots in subroutines; where many
+# registers are live across such a call (a plane's held packs), its saves take more.
+MAX_CALL_SAVE_BYTES_DOUBLE = 64
+MAX_LOCAL_ACCESSES_DOUBLE = 16
 
 
 def test_sm90_resources(builds):
@@ -156,11 +161,13 @@ def test_sm90_resources(builds):
         pytest.skip("c++filt is needed to name the kernels")
     for mangled, r in rows.items():
         kernel = cv.short_kernel_name(names[mangled])
-        assert r["spill_stores"] <= MAX_CALL_SAVE_BYTES and r["stack"] <= MAX_CALL_SAVE_BYTES, \
-            f"{kernel}: {r}"
+        double = "<double" in kernel
+        max_bytes = MAX_CALL_SAVE_BYTES_DOUBLE if double else MAX_CALL_SAVE_BYTES
+        assert r["spill_stores"] <= max_bytes and r["stack"] <= max_bytes, f"{kernel}: {r}"
         if cuobjdump is None:
             continue
-        assert r["ldl"] + r["stl"] <= MAX_LOCAL_ACCESSES, f"{kernel} uses local memory: {r}"
+        max_local = MAX_LOCAL_ACCESSES_DOUBLE if double else MAX_LOCAL_ACCESSES
+        assert r["ldl"] + r["stl"] <= max_local, f"{kernel} uses local memory: {r}"
         if _is_vectorised(kernel):
             assert r["ldg128"] + r["ldgsts128"] > 0, f"{kernel} has no 16-byte global load: {r}"
             if not kernel.startswith("param_grad"):

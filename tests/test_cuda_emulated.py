@@ -31,7 +31,7 @@ KERNEL_TYPE = {torch.float32: "float", torch.float64: "double", torch.float16: "
 VEC = {torch.float32: 4, torch.float64: 2, torch.float16: 8, torch.bfloat16: 8}  # 16 bytes
 EPS = 1e-5
 # Variant fields (csrc/shuffle_attention.h, Variant): the measurement hook's integer.
-PLANES_PER_PLANE, PLANES_STAGED = 1, 2
+PLANES_PER_PLANE, PLANES_STAGED, PLANES_CLUSTER = 1, 2, 3
 REDUCE_WARP, REDUCE_BLOCK = 1 << 4, 2 << 4
 
 
@@ -147,6 +147,12 @@ def assert_path(launched, expected):
         assert got.startswith(f"void {want}("), f"launched {got}, expected {want}"
 
 
+def assert_cluster(launched, name, blocks):
+    """A launch of ``blocks`` blocks a cluster (1: an ordinary launch)."""
+    suffix = f" [cluster {blocks}]" if blocks > 1 else ""
+    assert launched.startswith(f"void {name}(") and launched.endswith(")" + suffix), launched
+
+
 def param_kernel(dtype, team=32):
     """The parameter-gradient kernel with a team of ``team`` threads per parameter index."""
     return kernel("param_grad_kernel", dtype, team)
@@ -211,31 +217,41 @@ def test_staged_not_taken(emu, dtype, shape, make_dy, staged_bwd):
     assert (bwd[0].startswith(f"void {kernel(STAGED_B, dtype)}(")) == staged_bwd, bwd
 
 
+EMULATED_MAX_CLUSTER = 4  # emu::g_max_cluster
+PLANE_CLUSTER_PACKS = 256 * 4  # packs a block of the plane-cluster kernels holds
+
+
 def held_vector_config(packs, max_items):
     """(ITEMS, TEAM) of the held kernel the launchers pick for planes of ``packs`` 16-byte
     packs: the smallest team holding the plane in 8 packs a thread, then 16 (forward
-    only); None: the two-sweep kernel."""
+    only); ("cluster", blocks) past that, where a cluster of the emulated device holds the
+    plane; None: the two-sweep kernel."""
     for team in (32, 64, 128, 256):
         if packs <= team * 8:
             return 8, team
-    return (16, 256) if max_items >= 16 and packs <= 256 * 16 else None
+    if max_items >= 16 and packs <= 256 * 16:
+        return 16, 256
+    blocks = -(-packs // PLANE_CLUSTER_PACKS)
+    return ("cluster", blocks) if blocks <= EMULATED_MAX_CLUSTER else None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hw", [896, 1800, 3136, 6400, 12544])
 def test_held_vectorised(emu, dtype, hw):
-    """16-byte packs held in registers by a warp, two or four warps, or the block; the
-    largest planes (per dtype) reach the 16-pack forward and the two-sweep backward."""
+    """16-byte packs held in registers by a warp, two or four warps, the block, or a cluster of
+    blocks; past what a cluster of the emulated device holds, the two-sweep kernels."""
     v = VEC[dtype]
     x = random_input((1, 6, 1, hw), dtype, "cpu")  # 6 planes: some teams idle in the last round
     fwd, bwd, _ = check_case(emu, x, 1)
-    expected = []
-    for name, sweep, max_items in (("forward_held_kernel", "forward_two_sweep_kernel", 16),
-                                   ("backward_held_kernel", "backward_two_sweep_kernel", 8)):
+    for launched, direction, max_items in ((fwd[0], "forward", 16), (bwd[0], "backward", 8)):
         config = held_vector_config(hw // v, max_items)
-        expected.append(kernel(name, dtype, v, *config) if config else kernel(sweep, dtype, v, False))
-    assert_path(fwd, expected[:1])
-    assert_path(bwd, [expected[1], param_kernel(dtype)])
+        if config is None:
+            assert_path([launched], [kernel(f"{direction}_two_sweep_kernel", dtype, v, False)])
+        elif config[0] == "cluster":
+            assert_cluster(launched, kernel(f"{direction}_plane_cluster_kernel", dtype), config[1])
+        else:
+            assert_path([launched], [kernel(f"{direction}_held_kernel", dtype, v, *config)])
+    assert bwd[1].startswith(f"void {param_kernel(dtype)}(")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -271,6 +287,40 @@ def test_two_sweep_forced(emu, dtype, shape, vec):
     assert_path(bwd, [kernel("backward_two_sweep_kernel", dtype, v, False), param_kernel(dtype)])
 
 
+PLANE_CLUSTER_F, PLANE_CLUSTER_B = "forward_plane_cluster_kernel", "backward_plane_cluster_kernel"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, blocks", [
+    ((2, 4, 32, 32), 0),   # 1024 elements: about a pack a thread -> 4 (fp16: 2) blocks
+    ((1, 2, 24, 40), 3),   # 3 blocks of 320 elements
+    ((1, 2, 8, 8), 4),     # 64 elements over 4 blocks: some hold nothing
+])
+def test_plane_cluster_forced(emu, dtype, shape, blocks):
+    """variant planes = 3: each plane held by a cluster of blocks, parts merged in rank order."""
+    x = random_input(shape, dtype, "cpu")
+    variant = PLANES_CLUSTER | (blocks << 8)
+    fwd, bwd, _ = check_case(emu, x, 1, variant=variant)
+    want = blocks or min(4, max(2, -(-shape[2] * shape[3] // VEC[dtype] // 256)))
+    assert_cluster(fwd[0], kernel(PLANE_CLUSTER_F, dtype), want)
+    assert_cluster(bwd[0], kernel(PLANE_CLUSTER_B, dtype), want)
+
+
+def test_plane_cluster_does_not_depend_on_the_grid(emu):
+    x = random_input((2, 4, 16, 24), torch.float32, "cpu")
+    dy = random_input(x.shape, torch.float32, "cpu")
+    params = random_params(1)
+    variant = PLANES_CLUSTER | (3 << 8)
+    runs = []
+    for max_blocks in (1, 2, 5):
+        out, mean, rstd, _ = emu.forward(x, params, max_blocks=max_blocks, variant=variant)
+        dx, grads, _ = emu.backward(dy, x, params, mean, rstd, max_blocks=max_blocks, variant=variant)
+        runs.append([out, mean, rstd, dx, *grads])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_two_sweep_plane_too_large_to_hold(emu, dtype):
     v = VEC[dtype]
@@ -304,12 +354,6 @@ SPLIT_F, SPLIT_B = "forward_channels_last_split_kernel", "backward_channels_last
 
 def cluster_variant(blocks):
     return blocks << 8
-
-
-def assert_cluster(launched, name, blocks):
-    """A split launch of ``blocks`` blocks a cluster (1: an ordinary launch)."""
-    suffix = f" [cluster {blocks}]" if blocks > 1 else ""
-    assert launched.startswith(f"void {name}(") and launched.endswith(")" + suffix), launched
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)  # 4, 2, 8 a pack

@@ -169,6 +169,13 @@ int sa_emu_backward(int dtype, const void* dy, const int64_t* dys, const void* x
   });
 }
 
+// The emulated device's multiprocessors and largest cluster (what device_sms and
+// max_cluster_blocks report to the launchers).
+void sa_emu_set_device(int sms, int max_cluster) {
+  emu::g_sms = sms;
+  emu::g_max_cluster = max_cluster;
+}
+
 // The kernels launched since the last call, one name a line; returns the length needed.
 int sa_emu_take_launched(char* buf, int size) {
   std::string all;
