@@ -40,11 +40,14 @@ KERNEL_SOURCES = ("shuffle_attention_fwd.cu", "shuffle_attention_bwd.cu")
 
 # ---- the variants (csrc/shuffle_attention.h, Variant) ----------------------------------------
 
-PLANES_PER_PLANE, PLANES_STAGED = 1, 2       # bits 0-3
+PLANES_PER_PLANE, PLANES_STAGED, PLANES_CLUSTER = 1, 2, 3  # bits 0-3
 REDUCE_WARP, REDUCE_BLOCK = 1 << 4, 2 << 4   # bits 4-7
 CLUSTER_SHIFT = 8                            # bits 8-15: 1 no cluster, n >= 2 a cluster of n
 STAGED_MAX_PLANE = 512                       # kStagedMaxPlane: larger planes never stage
 CLUSTER_SIZES = (2, 4, 8, 16)
+# Packs (16 bytes) of a plane one block holds: forward 256 threads x 16, backward x 8; larger
+# planes take the plane-cluster kernels (sm_90) or two sweeps (variant per_plane).
+HELD_PACKS = {"forward": 256 * 16, "step": 256 * 8}
 
 
 def cluster(n):
@@ -101,12 +104,16 @@ MODES = ("forward", "step")
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2}
 
 
-def variants_for(case, mode):
+def variants_for(case, mode, dtype="float32"):
     """[(name, hook value)] worth comparing on this case: the launchers' choice first."""
     out = [("auto", 0)]
+    hw = case.height * case.width
     if case.layout == "nchw":
-        if case.height * case.width <= STAGED_MAX_PLANE:
+        if hw <= STAGED_MAX_PLANE:
             out += [("per_plane", PLANES_PER_PLANE), ("staged", PLANES_STAGED)]
+        if hw * ELEMENT_BYTES[dtype] // 16 > HELD_PACKS[mode]:
+            out += [("two_sweep", PLANES_PER_PLANE)] + [
+                (f"plane_cluster{n}", PLANES_CLUSTER | cluster(n)) for n in (8, 16)]
     else:
         out += [("no_cluster", cluster(1))] + [(f"cluster{n}", cluster(n)) for n in CLUSTER_SIZES]
     if mode == "step":
@@ -125,7 +132,7 @@ def build_plan(selected=None, dtypes=DTYPES, modes=MODES):
                 n_bytes = case.elements * ELEMENT_BYTES[dtype]
                 plan.append({"case": case, "dtype": dtype, "mode": mode, "input_bytes": n_bytes,
                              "moved_bytes": (2 if mode == "forward" else 5) * n_bytes,
-                             "variants": variants_for(case, mode)})
+                             "variants": variants_for(case, mode, dtype)})
     return plan
 
 

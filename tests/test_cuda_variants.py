@@ -33,6 +33,7 @@ def test_plan_has_every_case_dtype_and_mode():
         assert any(n.startswith("cluster") for n in names) == (case.layout == "nhwc")
         small = case.layout == "nchw" and case.height * case.width <= cv.STAGED_MAX_PLANE
         assert ("staged" in names) == small
+        assert ("plane_cluster16" in names) == (case.name == "large")  # planes past a block's hold
 
 
 def test_variant_values_decode_to_their_fields():
