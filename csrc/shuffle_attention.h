@@ -62,6 +62,9 @@ struct ForwardParams {
   // would fit on chip; negative: no limit. A test hook (set from Python) to reach the
   // two-sweep path with small shapes.
   int64_t register_plane_limit;
+  // Which kernel family runs where several could (Variant below; 0: the launcher's choice).
+  // A test and measurement hook, set from Python.
+  int64_t variant = 0;
 };
 
 // Parameter gradients, `half` contiguous values each, in the accumulation type.
@@ -87,17 +90,41 @@ struct BackwardParams {
   GateParams<Acc> gate;
   const Acc* mean;  // (B, C), contiguous, from the forward
   const Acc* rstd;  // (B, C), contiguous, from the forward
-  // Workspace (B, C, 2), fully written by the first kernel: per plane S1 and, for
-  // channel planes S1 * mean, for spatial planes S2.
+  // Workspace of B * C * 2 values (16-byte aligned), fully written by the first kernel and
+  // read by the second. Laid out for the second: (half, B * G, 4), i.e. for parameter
+  // index k and row r = b * G + g the channel plane's S1 and S1 * mean, then the spatial
+  // plane's S1 and S2 (partial_slot in shuffle_attention_common.cuh).
   Acc* partials;
   ParamGrads<Acc> grads;
   Shape4 shape;
   int64_t register_plane_limit;  // as in ForwardParams
+  int64_t variant = 0;           // as in ForwardParams
+};
+
+// The measurement hook's integer, decoded. Each field forces one kernel family where it
+// can run (and is ignored where it cannot); 0 leaves the choice to the launcher.
+//   bits 0-3   contiguous (NCHW) planes: 1 one plane per team (held in registers, or two
+//              sweeps), 2 several small planes per block staged in shared memory, 3 one
+//              plane per thread-block cluster held in registers (sm_90; bits 8-15, if 2 or
+//              more, give its blocks)
+//   bits 4-7   parameter-gradient reduction: 1 a warp per parameter index, 2 a block
+//   bits 8-15  channels_last: 1 one block per channel tile, n >= 2 the H * W positions of
+//              each tile split over a thread-block cluster of n blocks (sm_90 only)
+struct Variant {
+  enum Planes : int { kPlanesAuto = 0, kPlanesPerPlane = 1, kPlanesStaged = 2, kPlanesCluster = 3 };
+  enum Reduce : int { kReduceAuto = 0, kReduceWarp = 1, kReduceBlock = 2 };
+  int planes;
+  int reduce;
+  int cluster;  // 0 auto, 1 none, 2..16 blocks
+
+  static Variant decode(int64_t v) {
+    return {int(v & 0xf), int((v >> 4) & 0xf), int((v >> 8) & 0xff)};
+  }
 };
 
 // Launch on `stream`; no allocation, no synchronisation (safe under CUDA graph capture).
 // Return the first launch error (cudaSuccess when none); nothing is launched for an
-// empty tensor. H * W must not exceed INT32_MAX (cudaErrorInvalidValue otherwise).
+// empty tensor. H * W and C must not exceed INT32_MAX (cudaErrorInvalidValue otherwise).
 template <typename T>
 cudaError_t shuffle_attention_forward(const ForwardParams<T>& params, cudaStream_t stream);
 template <typename T>

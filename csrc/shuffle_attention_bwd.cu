@@ -1,21 +1,26 @@
 // Shuffle Attention backward: dx per plane, then the six parameter gradients.
 //
-// Launch 1 (one of three paths, as in the forward): per plane, recompute the gate from
+// Launch 1 (one of four paths, as in the forward): per plane, recompute the gate from
 // x and the saved (mean, rstd), reduce S1 = sum(dt) and S2 = sum(dt * xhat), write dx
-// and the plane's two partial sums to a (B, C, 2) workspace.
-// Launch 2: one warp per parameter index sums the partials over (batch, group) in a
-// fixed order (no atomics: bitwise reproducible) and writes the six gradients.
+// and the plane's two partial sums to a workspace (partial_slot).
+// Launch 2: a team (a warp, or the whole block) per parameter index sums the partials
+// over (batch, group) in a fixed order (no atomics: bitwise reproducible) and writes the
+// six gradients.
 // grad_out is read at the output channel o(c) of input plane c.
 #include <cstdint>
 
 #include "shuffle_attention.h"
+#include "shuffle_attention_channels_last.cuh"
 #include "shuffle_attention_common.cuh"
+#include "shuffle_attention_plane_cluster.cuh"
+#include "shuffle_attention_staged.cuh"
 
 namespace sa_kernels {
 namespace detail {
 
-// One plane per team of TEAM threads holding up to ITEMS packs of VEC elements of both
-// x and grad_out: H * W <= TEAM * ITEMS * VEC (launcher). Each is read once.
+// One plane per team of TEAM threads (a warp, several warps or the whole block) holding
+// up to ITEMS packs of VEC elements of both x and grad_out: H * W <= TEAM * ITEMS * VEC
+// (launcher). Each is read once, every load issued before the first use.
 template <typename T, int VEC, int ITEMS, int TEAM>
 __global__ void __launch_bounds__(kBlock) backward_held_kernel(const BackwardParams<T> p) {
   using Acc = acc_t<T>;
@@ -31,26 +36,38 @@ __global__ void __launch_bounds__(kBlock) backward_held_kernel(const BackwardPar
   const int team = threadIdx.x / TEAM;
   const int rank = threadIdx.x % TEAM;
 
-  for (int64_t plane = int64_t(blockIdx.x) * kTeams + team; plane < planes;
-       plane += int64_t(gridDim.x) * kTeams) {  // uniform over a team
+  // The same rounds in every thread of the block, as in the forward.
+  for (int64_t base = int64_t(blockIdx.x) * kTeams; base < planes;
+       base += int64_t(gridDim.x) * kTeams) {
+    const int64_t plane = base + team;
+    const int mine = plane < planes ? packs : 0;  // packs this team holds
     const int64_t b = plane / channels;
     const int64_t c = plane % channels;
     const int64_t o = output_channel(c, channels);
-    const Acc mean = p.mean[plane];
-    const Acc rstd = p.rstd[plane];
-    const PlaneGate<Acc> gate = plane_gate(p.gate, c, mean, rstd);
     const P* x = reinterpret_cast<const P*>(p.x + b * p.x_stride.b + c * p.x_stride.c);
     const P* dy = reinterpret_cast<const P*>(p.grad_out + b * p.grad_out_stride.b +
                                              o * p.grad_out_stride.c);
 
     P held_x[ITEMS], held_dy[ITEMS];
-    Acc sums[2] = {Acc(0), Acc(0)};  // sum(dt), sum(dt * (x - mean))
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int v = i * TEAM + rank;
-      if (v < packs) {
+      if (v < mine) {
         held_x[i] = x[v];
         held_dy[i] = dy[v];
+      }
+    }
+    Acc mean = Acc(0), rstd = Acc(0);
+    PlaneGate<Acc> gate{Acc(0), Acc(0), false, 0};
+    if (mine > 0) {
+      mean = p.mean[plane];
+      rstd = p.rstd[plane];
+      gate = plane_gate(p.gate, c, mean, rstd);
+    }
+    Acc sums[2] = {Acc(0), Acc(0)};  // sum(dt), sum(dt * (x - mean))
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (i * TEAM + rank < mine) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const ElementGrad<Acc> g =
@@ -61,16 +78,17 @@ __global__ void __launch_bounds__(kBlock) backward_held_kernel(const BackwardPar
       }
     }
     team_allreduce<TEAM>(sums, smem);
+    if (mine == 0) continue;  // after the team's last barrier of this round
     const Acc s1 = sums[0];
     const Acc s2 = sums[1] * rstd;
-    if (rank == 0) write_partials(p.partials, plane, gate.spatial, s1, s2, mean);
+    if (rank == 0) write_partials(p, b, c, gate.spatial, s1, s2, mean);
 
     const GradCoefficients<Acc> k = grad_coefficients(p.gate, gate, rstd, s1, s2, inv_n);
     P* dx = reinterpret_cast<P*>(p.grad_x + b * p.grad_x_stride.b + c * p.grad_x_stride.c);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int v = i * TEAM + rank;
-      if (v < packs) {
+      if (v < mine) {
         P r;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
@@ -133,7 +151,7 @@ __global__ void __launch_bounds__(kBlock) backward_two_sweep_kernel(const Backwa
     block_allreduce(sums, smem);
     const Acc s1 = sums[0];
     const Acc s2 = sums[1] * rstd;
-    if (threadIdx.x == 0) write_partials(p.partials, plane, gate.spatial, s1, s2, mean);
+    if (threadIdx.x == 0) write_partials(p, b, c, gate.spatial, s1, s2, mean);
 
     const GradCoefficients<Acc> k = grad_coefficients(p.gate, gate, rstd, s1, s2, inv_n);
     T* dx = p.grad_x + b * p.grad_x_stride.b + c * p.grad_x_stride.c;
@@ -261,7 +279,7 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_kernel(const Ba
         s2 += partial[i][1][r][lane];
       }
       s2 *= rstd_i;
-      write_partials(p.partials, b * channels + i * half_c + j, gate_i.spatial, s1, s2, mean_i);
+      write_partials(p, b, i * half_c + j, gate_i.spatial, s1, s2, mean_i);
       coefficients[i][lane] = grad_coefficients(p.gate, gate_i, rstd_i, s1, s2, inv_n);
     }
     __syncthreads();
@@ -293,34 +311,48 @@ __global__ void __launch_bounds__(kBlock) backward_channels_last_kernel(const Ba
   }
 }
 
-// One warp per parameter index k: sums the partials of its channel plane
-// (g * 2 * half + k) and spatial plane (+ half) over (batch, group) in a fixed order.
-template <typename T>
+// Rows of partials each thread of the parameter-gradient kernel loads before adding any.
+constexpr int kParamUnroll = 8;
+
+// A team of TEAM threads per parameter index k (a warp, or the whole block) sums its
+// B * G rows of partials (partial_slot: one contiguous run of 4-value rows): thread
+// `rank` adds rows rank, rank + TEAM, ... in increasing order, kUnroll vector loads in
+// flight at a time, then a fixed tree over the team. The order depends on TEAM only,
+// never on the grid: bitwise reproducible.
+template <typename T, int TEAM>
 __global__ void __launch_bounds__(kBlock) param_grad_kernel(const BackwardParams<T> p) {
   using Acc = acc_t<T>;
-  const int64_t half = p.gate.half;
-  const int64_t channels = p.shape.channels;
-  const int64_t groups = channels / (2 * half);
-  const int64_t terms = p.shape.batch * groups;
-  const int warp = threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
+  using Row = Pack<Acc, 4>;  // channel S1, channel S1 * mean, spatial S1, spatial S2
+  constexpr int kTeams = kBlock / TEAM;
+  constexpr int kUnroll = kParamUnroll;
+  __shared__ Acc smem[kBlockWarps * 4];
 
-  for (int64_t k = int64_t(blockIdx.x) * kBlockWarps + warp; k < half;
-       k += int64_t(gridDim.x) * kBlockWarps) {  // warp-uniform
-    // Channel-plane S1, channel-plane S1 * mean, spatial-plane S1, spatial-plane S2.
+  const int64_t half = p.gate.half;
+  const int64_t rows = p.shape.batch * (int(p.shape.channels) / int(2 * half));  // 32-bit division
+  const int team = threadIdx.x / TEAM;
+  const int rank = threadIdx.x % TEAM;
+
+  for (int64_t k = int64_t(blockIdx.x) * kTeams + team; k < half;
+       k += int64_t(gridDim.x) * kTeams) {  // uniform over a team
+    const Row* src = reinterpret_cast<const Row*>(p.partials) + k * rows;
     Acc sums[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
-    for (int64_t t = lane; t < terms; t += kWarp) {
-      const int64_t b = t / groups;
-      const int64_t g = t % groups;
-      const Acc* channel_plane = p.partials + 2 * (b * channels + g * 2 * half + k);
-      const Acc* spatial_plane = channel_plane + 2 * half;
-      sums[0] += channel_plane[0];
-      sums[1] += channel_plane[1];
-      sums[2] += spatial_plane[0];
-      sums[3] += spatial_plane[1];
+    for (int64_t r0 = rank; r0 < rows; r0 += int64_t(TEAM) * kUnroll) {
+      Row in[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t r = r0 + int64_t(u) * TEAM;
+        if (r < rows) in[u] = src[r];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (r0 + int64_t(u) * TEAM < rows) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) sums[i] += in[u].v[i];
+        }
+      }
     }
-    warp_allreduce(sums);
-    if (lane == 0) {
+    team_allreduce<TEAM>(sums, smem);
+    if (rank == 0) {
       const Acc sweight = p.gate.sweight[k];
       p.grads.cweight[k] = sums[1];
       p.grads.cbias[k] = sums[0];
@@ -330,6 +362,18 @@ __global__ void __launch_bounds__(kBlock) param_grad_kernel(const BackwardParams
       p.grads.gn_bias[k] = sweight * sums[2];
     }
   }
+}
+
+// A block per parameter index once a warp would need more than one round of loads.
+template <typename T>
+cudaError_t launch_param_grads(const BackwardParams<T>& p, cudaStream_t stream) {
+  constexpr int64_t kWarpRows = kWarp * kParamUnroll;  // a warp's rows per round of loads
+  const int64_t rows = p.shape.batch * p.shape.channels / (2 * p.gate.half);
+  const Variant v = Variant::decode(p.variant);
+  const bool per_block = v.reduce == Variant::kReduceBlock ||
+                         (v.reduce != Variant::kReduceWarp && rows > kWarpRows);
+  if (per_block) return launch(param_grad_kernel<T, kBlock>, p.gate.half, stream, p);
+  return launch(param_grad_kernel<T, kWarp>, ceil_div(p.gate.half, kBlockWarps), stream, p);
 }
 
 template <typename T>
@@ -345,21 +389,48 @@ cudaError_t launch_dx(const BackwardParams<T>& p, cudaStream_t stream) {
                      planes_vector_aligned(p.grad_out, p.grad_out_stride, n, V) &&
                      planes_vector_aligned(p.grad_x, p.grad_x_stride, n, V);
     const bool held = p.register_plane_limit < 0 || hw <= p.register_plane_limit;
+    const Variant variant = Variant::decode(p.variant);
+    const bool may_stage =
+        variant.planes == Variant::kPlanesAuto || variant.planes == Variant::kPlanesStaged;
+    if (held && may_stage &&
+        staged_layout(p.x, p.x_stride, n, V) && staged_layout(p.grad_out, p.grad_out_stride, n, V) &&
+        staged_layout(p.grad_x, p.grad_x_stride, n, V)) {
+      const StagedTiling tiling = staged_plan<T>(n);
+      if (tiling.run > 0) return launch(backward_staged_kernel<T>, n.batch * tiling.tiles, stream, p);
+    }
     // As in the forward; two tensors are held here, so at most 8 packs of each.
-    const auto per_warp = [&](auto kernel) {  // kBlockWarps planes a block
-      return launch(kernel, ceil_div(planes, kBlockWarps), stream, p);
+    const int64_t packs = hw / V;
+    if (held && vec) {
+      const int blocks = plane_cluster_blocks(planes, packs, int64_t(kBlock) * 8, variant,
+                                              max_cluster_blocks(backward_plane_cluster_kernel<T>));
+      if (blocks > 0) {
+        return launch_cluster(backward_plane_cluster_kernel<T>, planes, blocks, stream, p);
+      }
+    }
+    const auto per_team = [&](auto kernel, int team) {  // kBlock / team planes a block
+      return launch(kernel, ceil_div(planes, kBlock / team), stream, p);
     };
-    const auto per_block = [&](auto kernel) { return launch(kernel, planes, stream, p); };
+    const auto per_warp = [&](auto kernel) { return per_team(kernel, kWarp); };
+    const auto per_block = [&](auto kernel) { return per_team(kernel, kBlock); };
     if (held && hw <= kWarp * 2) return per_warp(backward_held_kernel<T, 1, 2, kWarp>);
     if (held && hw <= kWarp * 8) return per_warp(backward_held_kernel<T, 1, 8, kWarp>);
-    if (held && vec && hw <= kBlock * 4 * V) return per_block(backward_held_kernel<T, V, 4, kBlock>);
-    if (held && vec && hw <= kBlock * 8 * V) return per_block(backward_held_kernel<T, V, 8, kBlock>);
+    if (held && vec) {
+      if (packs <= 32 * 8) return per_team(backward_held_kernel<T, V, 8, 32>, 32);
+      if (packs <= 64 * 8) return per_team(backward_held_kernel<T, V, 8, 64>, 64);
+      if (packs <= 128 * 8) return per_team(backward_held_kernel<T, V, 8, 128>, 128);
+      if (packs <= 256 * 8) return per_team(backward_held_kernel<T, V, 8, 256>, 256);
+    }
     if (held && !vec && hw <= kBlock * 4) return per_block(backward_held_kernel<T, 1, 4, kBlock>);
     if (held && !vec && hw <= kBlock * 8) return per_block(backward_held_kernel<T, 1, 8, kBlock>);
     return vec ? per_block(backward_two_sweep_kernel<T, V, false>)
                : per_block(backward_two_sweep_kernel<T, 1, false>);
   }
 
+  if (split_layout<T>(p.x, p.x_stride, n) && split_layout<T>(p.grad_out, p.grad_out_stride, n) &&
+      split_layout<T>(p.grad_x, p.grad_x_stride, n)) {
+    return launch_split<T>(backward_channels_last_split_kernel<T>, p,
+                           Variant::decode(p.variant).cluster, stream);
+  }
   const bool pair_aligned = reinterpret_cast<uintptr_t>(p.grad_out) % (2 * sizeof(T)) == 0;
   if (is_channels_last(p.x_stride, n) && is_channels_last(p.grad_out_stride, n) &&
       is_channels_last(p.grad_x_stride, n) && pair_aligned) {
@@ -380,12 +451,13 @@ cudaError_t shuffle_attention_backward(const BackwardParams<T>& p, cudaStream_t 
   const Shape4& n = p.shape;
   const int64_t hw = n.height * n.width;
   if (n.batch * n.channels * hw == 0) return cudaSuccess;
-  if (hw > INT32_MAX || p.gate.half < 1 || n.channels % (2 * p.gate.half) != 0) {
+  if (hw > INT32_MAX || n.channels > INT32_MAX || p.gate.half < 1 ||
+      n.channels % (2 * p.gate.half) != 0) {
     return cudaErrorInvalidValue;
   }
   const cudaError_t err = launch_dx(p, stream);
   if (err != cudaSuccess) return err;
-  return launch(param_grad_kernel<T>, ceil_div(p.gate.half, kBlockWarps), stream, p);
+  return launch_param_grads(p, stream);
 }
 
 template cudaError_t shuffle_attention_backward<float>(const BackwardParams<float>&, cudaStream_t);

@@ -2,7 +2,9 @@
 // vector packs, per-plane gate coefficients, deterministic reductions, Welford merges.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <cstring>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -29,13 +31,97 @@ inline unsigned grid_for(int64_t blocks) {
 
 // Every launch goes through here so each one is followed by an error check. The CPU
 // emulation in tests/cuda_emulation compiles the kernels as host C++ and defines
-// SA_KERNELS_EMULATION to supply its own launch.
+// SA_KERNELS_EMULATION to supply its own launch, launch_cluster, device_sms and
+// max_cluster_blocks.
 #ifndef SA_KERNELS_EMULATION
 template <typename... KernelArgs, typename... Args>
 inline cudaError_t launch(void (*kernel)(KernelArgs...), int64_t blocks, cudaStream_t stream,
                           const Args&... args) {
   kernel<<<grid_for(blocks), kBlock, 0, stream>>>(args...);
   return cudaGetLastError();
+}
+
+// `clusters` clusters of `cluster_blocks` blocks (sm_90 thread-block clusters; see
+// max_cluster_blocks for what the device and the kernel's binary allow).
+template <typename... KernelArgs, typename... Args>
+inline cudaError_t launch_cluster(void (*kernel)(KernelArgs...), int64_t clusters,
+                                  int cluster_blocks, cudaStream_t stream, const Args&... args) {
+  cudaLaunchConfig_t config = {};
+  const unsigned blocks = grid_for(clusters * cluster_blocks) / cluster_blocks * cluster_blocks;
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kBlock);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = unsigned(cluster_blocks);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+constexpr int kMaxDevices = 64;
+
+// Multiprocessors of the current device (cached per device).
+inline int device_sms() {
+  static std::atomic<int> cache[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 1;
+  int sms = cache[device].load();
+  if (sms == 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 1;
+    cache[device].store(sms);
+  }
+  return sms;
+}
+
+// The largest cluster (16, 8, 4 or 2 blocks; 1: none) `kernel` can run with on the current
+// device: compute capability 9.0 or more and a binary built for it (an sm_80 binary, or
+// PTX compiled for compute_80, has no cluster code), and at least one such cluster able to
+// reside (cudaOccupancyMaxActiveClusters). Queried once per device and kernel; the
+// queries' errors are cleared so the next launch's check sees only its own.
+template <typename... KernelArgs>
+inline int max_cluster_blocks(void (*kernel)(KernelArgs...)) {
+  static std::atomic<int> cache[kMaxDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
+    cudaGetLastError();
+    return 1;
+  }
+  int result = cache[device].load();
+  if (result != 0) return result;
+  result = 1;
+  int major = 0;
+  cudaFuncAttributes attributes;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+      major >= 9 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+      attributes.binaryVersion >= 90) {
+    for (int blocks = 16; blocks >= 2; blocks /= 2) {
+      const cudaFuncAttribute non_portable = cudaFuncAttributeNonPortableClusterSizeAllowed;
+      if (blocks > 8 && cudaFuncSetAttribute(kernel, non_portable, 1) != cudaSuccess) continue;
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(unsigned(blocks));
+      config.blockDim = dim3(kBlock);
+      cudaLaunchAttribute attribute;
+      attribute.id = cudaLaunchAttributeClusterDimension;
+      attribute.val.clusterDim.x = unsigned(blocks);
+      attribute.val.clusterDim.y = 1;
+      attribute.val.clusterDim.z = 1;
+      config.attrs = &attribute;
+      config.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) {
+        result = blocks;
+        break;
+      }
+    }
+  }
+  cudaGetLastError();
+  cache[device].store(result);
+  return result;
 }
 #endif
 
@@ -44,7 +130,20 @@ inline cudaError_t launch(void (*kernel)(KernelArgs...), int64_t blocks, cudaStr
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+// bfloat16 is the upper half of a float: the same bits as __bfloat162float, spelled as a
+// plain shift. Through __bfloat162float (inline PTX) nvcc 13.0 kept every converted value
+// of a held plane live instead of converting again at each use: the bfloat16 held
+// kernels took 100-176 registers against 64-112 for float16 (sm_90, ptxas -v).
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) {
+  const unsigned bits = unsigned(__bfloat16_as_ushort(v)) << 16;
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
 
 template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> v);
 template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
@@ -56,7 +155,19 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
-__device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+// float: the hardware exponential and an approximate reciprocal (a few instructions instead
+// of expf's polynomial and an IEEE division with its slow path: the staged kernels spent about
+// 55 instructions an element). Error: __expf's 2 + 1.2 |z| ulp (CUDA C++ guide), mostly from
+// rounding z * log2(e) to float, plus 2 ulp; so s and 1 - s keep a relative error of about
+// 1e-6 for |z| < 10. The host emulation rounds z * log2(e) the same way, so the CPU tests see
+// the main error term too.
+__device__ __forceinline__ float sigmoid(float z) {
+#ifdef __CUDA_ARCH__
+  return __fdividef(1.0f, 1.0f + __expf(-z));
+#else
+  return 1.0f / (1.0f + exp2f(-z * 1.44269504f));
+#endif
+}
 __device__ __forceinline__ double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
 
 __device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }
@@ -68,6 +179,46 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
+
+// One 16-byte global store of a pack built element by element. Assigned as a Pack, or even
+// as a uint4, nvcc 13.0 emitted four st.global.f32 for the channels_last split backward's
+// dx (sm_90); __stwb gave one STG.E.128.STRONG.SM (a stronger ordering than needed); a
+// plain st.global.v4 in PTX is one STG.E.128.
+template <typename P>
+__device__ __forceinline__ void store16(P* dst, const P& pack) {
+  static_assert(sizeof(P) == 16 && alignof(P) == 16, "a 16-byte pack");
+  uint4 bits;
+  memcpy(&bits, &pack, sizeof(bits));
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(bits.x), "r"(bits.y),
+               "r"(bits.z), "r"(bits.w)
+               : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) = bits;
+#endif
+}
+
+// 16 bytes from global to shared memory without passing through registers (cp.async,
+// sm_80+): a thread can have all its copies of a tile in flight at no register cost.
+// They land after async_copy_wait() and a barrier. The host emulation copies at once.
+template <typename P>
+__device__ __forceinline__ void async_copy16(P* shared_dst, const P* global_src) {
+  static_assert(sizeof(P) == 16, "cp.async.cg copies 16 bytes");
+#ifdef __CUDA_ARCH__
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src)
+               : "memory");
+#else
+  *shared_dst = *global_src;
+#endif
+}
+
+// Waits for this thread's async_copy16 copies; a barrier then publishes them to the block.
+__device__ __forceinline__ void async_copy_wait() {
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
 
 // Two adjacent elements as one store (pointer aligned to 2 * sizeof(T)). Spelled with
 // CUDA's vector types: nvcc split a 2-element struct copy into two scalar stores. For
@@ -127,10 +278,13 @@ template <typename T> constexpr int kChannelsLastPairs = sizeof(T) >= 4 ? 8 : 16
 
 // ---- plane indexing ---------------------------------------------------------------
 
+// Channel arithmetic is 32-bit (C <= INT32_MAX: launchers). A 64-bit division or modulo
+// is a call to a subroutine, whose saved registers can spill to the stack.
+
 // Input channel c = i * C/2 + j goes to output channel 2 * j + i.
 __device__ __forceinline__ int64_t output_channel(int64_t c, int64_t channels) {
-  const int64_t half_c = channels / 2;
-  return 2 * (c % half_c) + c / half_c;
+  const int half_c = int(channels) / 2;
+  return 2 * (int(c) % half_c) + int(c) / half_c;
 }
 
 // Offset of element `i` (0 <= i < H * W, row-major in the plane) of a plane with the
@@ -196,7 +350,7 @@ struct PlaneGate {
 template <typename Acc>
 __device__ __forceinline__ PlaneGate<Acc> plane_gate(const GateParams<Acc>& g, int64_t c,
                                                      Acc mean, Acc rstd) {
-  const int64_t k = c % (2 * g.half);
+  const int k = int(c) % int(2 * g.half);  // 32-bit: see output_channel
   PlaneGate<Acc> r;
   if (k < g.half) {
     r.spatial = false;
@@ -258,13 +412,31 @@ __device__ __forceinline__ GradCoefficients<Acc> grad_coefficients(const GatePar
   return {-gate.alpha * s1 * inv_n, -gate.alpha * rstd * s2 * inv_n};
 }
 
-// What the parameter-gradient kernel sums over (batch, group) for this plane: S1 and,
+// Where plane (b, c) keeps its two partial sums in the backward's workspace, laid out
+// (half, B * G, 4) for the parameter-gradient kernel: with 2 * half channels per group, the
+// plane's row is r = b * G + c / (2 * half), its parameter index k = c % half, and channel
+// planes (c % (2 * half) < half) take values 0 and 1 of the row, spatial planes 2 and 3.
+// So each parameter index's B * G rows are one contiguous run of 4-value rows, read with
+// one vector load a row. Channel arithmetic is 32-bit, as in output_channel.
+template <typename T>
+__device__ __forceinline__ int64_t partial_slot(const BackwardParams<T>& p, int64_t b, int64_t c) {
+  const int half = int(p.gate.half);
+  const int groups = int(p.shape.channels) / (2 * half);
+  const int g = int(c) / (2 * half);
+  const int kk = int(c) - g * 2 * half;
+  const int branch = kk < half ? 0 : 1;
+  const int64_t rows = p.shape.batch * groups;
+  return ((kk - branch * half) * rows + b * groups + g) * 4 + branch * 2;
+}
+
+// What the parameter-gradient kernel sums over (batch, group) for plane (b, c): S1 and,
 // for channel planes S1 * mean, for spatial planes S2.
-template <typename Acc>
-__device__ __forceinline__ void write_partials(Acc* partials, int64_t plane, bool spatial,
-                                               Acc s1, Acc s2, Acc mean) {
-  partials[2 * plane] = s1;
-  partials[2 * plane + 1] = spatial ? s2 : s1 * mean;
+template <typename T, typename Acc>
+__device__ __forceinline__ void write_partials(const BackwardParams<T>& p, int64_t b, int64_t c,
+                                               bool spatial, Acc s1, Acc s2, Acc mean) {
+  Acc* slot = p.partials + partial_slot(p, b, c);
+  slot[0] = s1;
+  slot[1] = spatial ? s2 : s1 * mean;
 }
 
 // ---- deterministic reductions -------------------------------------------------------
@@ -280,36 +452,39 @@ __device__ __forceinline__ void warp_allreduce(Acc (&v)[N]) {
   }
 }
 
-// Sum over the whole block, returned to every thread. `smem` holds kBlockWarps * N
-// values. Ends with a barrier, so the caller may reuse `smem` at once.
-template <typename Acc, int N>
-__device__ __forceinline__ void block_allreduce(Acc (&v)[N], Acc* smem) {
-  warp_allreduce(v);
-  const int warp = threadIdx.x / kWarp;
-  if (threadIdx.x % kWarp == 0) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) smem[warp * N + i] = v[i];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    Acc total = smem[i];
-#pragma unroll
-    for (int w = 1; w < kBlockWarps; ++w) total += smem[w * N + i];
-    v[i] = total;
-  }
-  __syncthreads();
-}
-
-// Sum over a team of TEAM threads: one warp (shuffles only) or the whole block.
+// Sum over each team of TEAM consecutive threads (a warp, several warps, or the whole
+// block), returned to every thread of the team. Teams of more than a warp meet in `smem`
+// (kBlockWarps * N values) through two block-wide barriers: every thread of the block must
+// call it, whether its team has work or not. The warps of a team are added in warp order.
 template <int TEAM, typename Acc, int N>
 __device__ __forceinline__ void team_allreduce(Acc (&v)[N], Acc* smem) {
-  static_assert(TEAM == kWarp || TEAM == kBlock, "a team is a warp or the block");
-  if constexpr (TEAM == kWarp) {
-    warp_allreduce(v);
-  } else {
-    block_allreduce(v, smem);
+  static_assert(TEAM % kWarp == 0 && kBlock % TEAM == 0, "a team is whole warps of the block");
+  warp_allreduce(v);
+  if constexpr (TEAM > kWarp) {
+    constexpr int kTeamWarps = TEAM / kWarp;
+    const int warp = threadIdx.x / kWarp;
+    if (threadIdx.x % kWarp == 0) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) smem[warp * N + i] = v[i];
+    }
+    __syncthreads();
+    const int first = warp - warp % kTeamWarps;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      Acc total = smem[first * N + i];
+#pragma unroll
+      for (int w = 1; w < kTeamWarps; ++w) total += smem[(first + w) * N + i];
+      v[i] = total;
+    }
+    __syncthreads();
   }
+}
+
+// Sum over the whole block, returned to every thread. Ends with a barrier, so the caller
+// may reuse `smem` at once.
+template <typename Acc, int N>
+__device__ __forceinline__ void block_allreduce(Acc (&v)[N], Acc* smem) {
+  team_allreduce<kBlock>(v, smem);
 }
 
 // ---- Welford / Chan statistics -----------------------------------------------------

@@ -1,23 +1,35 @@
 // Shuffle Attention forward: per-plane statistics, gate, shuffled write.
 //
 // Paths, chosen by the launcher from the layout and the plane size H * W:
+//  * small planes staged in shared memory (shuffle_attention_staged.cuh): a block owns a
+//    tile of several planes, read and written with 16-byte vectors.
 //  * planes held on chip: each plane is read once into registers by a team (a warp for
 //    small planes, the whole block otherwise); mean, then the centred sum of squares
 //    from the held values; then the gated values are written.
+//  * planes too large for one block: a thread-block cluster holds each plane
+//    (shuffle_attention_plane_cluster.cuh, sm_90).
 //  * two sweeps: planes too large to hold (or a strided layout): sweep 1 merges the
 //    statistics chunk by chunk (Chan), sweep 2 gates and writes.
 //  * channels_last: a block owns channel pairs (j, C/2 + j) of one image, whose outputs
-//    2j, 2j + 1 are adjacent, and sweeps the image twice (statistics, then gate).
+//    2j, 2j + 1 are adjacent, and sweeps the image twice (statistics, then gate). With
+//    16-byte alignment the split kernel (shuffle_attention_channels_last.cuh) does this
+//    with 16-byte accesses, its positions split over a thread-block cluster (sm_90);
+//    otherwise the scalar kernel below.
 #include <cstdint>
 
 #include "shuffle_attention.h"
+#include "shuffle_attention_channels_last.cuh"
 #include "shuffle_attention_common.cuh"
+#include "shuffle_attention_plane_cluster.cuh"
+#include "shuffle_attention_staged.cuh"
 
 namespace sa_kernels {
 namespace detail {
 
-// One plane per team of TEAM threads; each thread holds up to ITEMS packs of VEC
-// elements, so a plane fits when H * W <= TEAM * ITEMS * VEC (checked by the launcher).
+// One plane per team of TEAM threads (a warp, several warps or the whole block); each
+// thread holds up to ITEMS packs of VEC elements, so a plane fits when
+// H * W <= TEAM * ITEMS * VEC (checked by the launcher). Every load of a plane is issued
+// before its first use.
 template <typename T, int VEC, int ITEMS, int TEAM>
 __global__ void __launch_bounds__(kBlock) forward_held_kernel(const ForwardParams<T> p) {
   using Acc = acc_t<T>;
@@ -32,20 +44,25 @@ __global__ void __launch_bounds__(kBlock) forward_held_kernel(const ForwardParam
   const int team = threadIdx.x / TEAM;
   const int rank = threadIdx.x % TEAM;
 
-  // The loop condition is uniform over a team, so a block-wide team never splits at a barrier.
-  for (int64_t plane = int64_t(blockIdx.x) * kTeams + team; plane < planes;
-       plane += int64_t(gridDim.x) * kTeams) {
+  // The loop runs the same rounds in every thread of the block (teams of several warps
+  // meet at block-wide barriers); a team past the last plane idles through its round.
+  for (int64_t base = int64_t(blockIdx.x) * kTeams; base < planes;
+       base += int64_t(gridDim.x) * kTeams) {
+    const int64_t plane = base + team;
+    const int mine = plane < planes ? packs : 0;  // packs this team holds
     const int64_t b = plane / channels;
     const int64_t c = plane % channels;
     const P* x = reinterpret_cast<const P*>(p.x + b * p.x_stride.b + c * p.x_stride.c);
 
     P held[ITEMS];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (i * TEAM + rank < mine) held[i] = x[i * TEAM + rank];
+    }
     Acc sum[1] = {Acc(0)};
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int v = i * TEAM + rank;
-      if (v < packs) {
-        held[i] = x[v];
+      if (i * TEAM + rank < mine) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) sum[0] += to_acc(held[i].v[e]);
       }
@@ -56,7 +73,7 @@ __global__ void __launch_bounds__(kBlock) forward_held_kernel(const ForwardParam
     Acc m2[1] = {Acc(0)};
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      if (i * TEAM + rank < packs) {
+      if (i * TEAM + rank < mine) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const Acc d = to_acc(held[i].v[e]) - mean;
@@ -65,6 +82,7 @@ __global__ void __launch_bounds__(kBlock) forward_held_kernel(const ForwardParam
       }
     }
     team_allreduce<TEAM>(m2, smem);
+    if (mine == 0) continue;  // after the team's last barrier of this round
     const Acc rstd = inv_sqrt(m2[0] / Acc(hw) + Acc(p.eps));
     if (rank == 0) {
       p.mean[plane] = mean;
@@ -77,7 +95,7 @@ __global__ void __launch_bounds__(kBlock) forward_held_kernel(const ForwardParam
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int v = i * TEAM + rank;
-      if (v < packs) {
+      if (v < mine) {
         P r;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) r.v[e] = gated<T>(to_acc(held[i].v[e]), mean, gate);
@@ -263,7 +281,8 @@ cudaError_t shuffle_attention_forward(const ForwardParams<T>& p, cudaStream_t st
   const int64_t hw = n.height * n.width;
   const int64_t planes = n.batch * n.channels;
   if (planes * hw == 0) return cudaSuccess;
-  if (hw > INT32_MAX || p.gate.half < 1 || n.channels % (2 * p.gate.half) != 0) {
+  if (hw > INT32_MAX || n.channels > INT32_MAX || p.gate.half < 1 ||
+      n.channels % (2 * p.gate.half) != 0) {
     return cudaErrorInvalidValue;
   }
 
@@ -272,22 +291,51 @@ cudaError_t shuffle_attention_forward(const ForwardParams<T>& p, cudaStream_t st
     const bool vec = planes_vector_aligned(p.x, p.x_stride, n, V) &&
                      planes_vector_aligned(p.out, p.out_stride, n, V);
     const bool held = p.register_plane_limit < 0 || hw <= p.register_plane_limit;
+    const Variant variant = Variant::decode(p.variant);
+    const bool may_stage =
+        variant.planes == Variant::kPlanesAuto || variant.planes == Variant::kPlanesStaged;
+    if (held && may_stage &&
+        staged_layout(p.x, p.x_stride, n, V) && staged_layout(p.out, p.out_stride, n, V)) {
+      const StagedTiling tiling = staged_plan<T>(n);
+      if (tiling.run > 0) return launch(forward_staged_kernel<T>, n.batch * tiling.tiles, stream, p);
+    }
     // Held configurations, smallest first: a team of TEAM threads holding ITEMS packs of
-    // VEC elements fits a plane of H * W <= TEAM * ITEMS * VEC.
-    const auto per_warp = [&](auto kernel) {  // kBlockWarps planes a block
-      return launch(kernel, ceil_div(planes, kBlockWarps), stream, p);
+    // VEC elements fits a plane of H * W <= TEAM * ITEMS * VEC. With 16-byte packs the
+    // smallest team that fits a plane in 8 packs a thread: threads hold 4 to 8 packs, all
+    // in flight at once (the held bytes per register, hence per multiprocessor, stay high).
+    // Planes larger than a block holds: a cluster of blocks holds them (sm_90).
+    const int64_t packs = hw / V;
+    if (held && vec) {
+      const int blocks = plane_cluster_blocks(planes, packs, int64_t(kBlock) * 16, variant,
+                                              max_cluster_blocks(forward_plane_cluster_kernel<T>));
+      if (blocks > 0) {
+        return launch_cluster(forward_plane_cluster_kernel<T>, planes, blocks, stream, p);
+      }
+    }
+    const auto per_team = [&](auto kernel, int team) {  // kBlock / team planes a block
+      return launch(kernel, ceil_div(planes, kBlock / team), stream, p);
     };
-    const auto per_block = [&](auto kernel) { return launch(kernel, planes, stream, p); };
+    const auto per_warp = [&](auto kernel) { return per_team(kernel, kWarp); };
+    const auto per_block = [&](auto kernel) { return per_team(kernel, kBlock); };
     if (held && hw <= kWarp * 2) return per_warp(forward_held_kernel<T, 1, 2, kWarp>);
     if (held && hw <= kWarp * 8) return per_warp(forward_held_kernel<T, 1, 8, kWarp>);
-    if (held && vec && hw <= kBlock * 4 * V) return per_block(forward_held_kernel<T, V, 4, kBlock>);
-    if (held && vec && hw <= kBlock * 16 * V) return per_block(forward_held_kernel<T, V, 16, kBlock>);
+    if (held && vec) {
+      if (packs <= 32 * 8) return per_team(forward_held_kernel<T, V, 8, 32>, 32);
+      if (packs <= 64 * 8) return per_team(forward_held_kernel<T, V, 8, 64>, 64);
+      if (packs <= 128 * 8) return per_team(forward_held_kernel<T, V, 8, 128>, 128);
+      if (packs <= 256 * 8) return per_team(forward_held_kernel<T, V, 8, 256>, 256);
+      if (packs <= 256 * 16) return per_team(forward_held_kernel<T, V, 16, 256>, 256);
+    }
     if (held && !vec && hw <= kBlock * 4) return per_block(forward_held_kernel<T, 1, 4, kBlock>);
     if (held && !vec && hw <= kBlock * 16) return per_block(forward_held_kernel<T, 1, 16, kBlock>);
     return vec ? per_block(forward_two_sweep_kernel<T, V, false>)
                : per_block(forward_two_sweep_kernel<T, 1, false>);
   }
 
+  if (split_layout<T>(p.x, p.x_stride, n) && split_layout<T>(p.out, p.out_stride, n)) {
+    return launch_split<T>(forward_channels_last_split_kernel<T>, p, Variant::decode(p.variant).cluster,
+                           stream);
+  }
   const bool pair_aligned = reinterpret_cast<uintptr_t>(p.out) % (2 * sizeof(T)) == 0;
   if (is_channels_last(p.x_stride, n) && is_channels_last(p.out_stride, n) && pair_aligned) {
     const int64_t tiles = ceil_div(n.channels / 2, kChannelsLastPairs<T>);

@@ -28,6 +28,12 @@ std::atomic<int64_t> g_register_plane_limit{-1};
 
 int64_t set_register_plane_limit(int64_t limit) { return g_register_plane_limit.exchange(limit); }
 
+// Kernel family forced where several could run (sa_kernels::Variant; 0: the launchers'
+// choice). A test and measurement hook, set through sa_kernels::cuda_set_variant.
+std::atomic<int64_t> g_variant{0};
+
+int64_t set_variant(int64_t variant) { return g_variant.exchange(variant); }
+
 template <typename T> struct Tag { using type = T; };
 
 // Calls f(Tag<T>{}) with the kernel element type of `dtype`.
@@ -49,11 +55,14 @@ Strides4 strides_of(const at::Tensor& t) {
 
 Shape4 shape_of(const at::Tensor& t) { return {t.size(0), t.size(1), t.size(2), t.size(3)}; }
 
-// What only the CUDA kernels need, beyond the shared checks: 32-bit indices within a plane.
+// What only the CUDA kernels need, beyond the shared checks: 32-bit indices within a plane
+// and over the channels.
 void check_plane_size(const at::Tensor& x) {
-  TORCH_CHECK(x.size(2) * x.size(3) <= std::numeric_limits<int32_t>::max(),
-              "sa_kernels (cuda): planes of more than 2^31 - 1 elements are not supported, got H * W = ",
-              x.size(2) * x.size(3));
+  TORCH_CHECK_VALUE(x.size(2) * x.size(3) <= std::numeric_limits<int32_t>::max(),
+                    "sa_kernels (cuda): planes of more than 2^31 - 1 elements are not supported, got H * W = ",
+                    x.size(2) * x.size(3));
+  TORCH_CHECK_VALUE(x.size(1) <= std::numeric_limits<int32_t>::max(),
+                    "sa_kernels (cuda): more than 2^31 - 1 channels are not supported, got C = ", x.size(1));
 }
 
 // The parameters are tiny (`half` values each): converting them to the accumulation type
@@ -113,6 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_attention_cuda(
     p.shape = shape_of(x);
     p.eps = eps;
     p.register_plane_limit = g_register_plane_limit.load();
+    p.variant = g_variant.load();
     check_launch(shuffle_attention_forward<T>(p, stream), op);
   });
   return {out, mean, rstd};
@@ -170,6 +180,7 @@ shuffle_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                acc_grads[4].data_ptr<Acc>(), acc_grads[5].data_ptr<Acc>()};
     p.shape = shape_of(x);
     p.register_plane_limit = g_register_plane_limit.load();
+    p.variant = g_variant.load();
     check_launch(shuffle_attention_backward<T>(p, stream), op);
   });
 
@@ -188,6 +199,7 @@ shuffle_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
 TORCH_LIBRARY_FRAGMENT(sa_kernels, m) {
   // Test hook: returns the previous limit.
   m.def("cuda_set_register_plane_limit(int limit) -> int", &sa_kernels::set_register_plane_limit);
+  m.def("cuda_set_variant(int variant) -> int", &sa_kernels::set_variant);
 }
 
 TORCH_LIBRARY_IMPL(sa_kernels, CUDA, m) {

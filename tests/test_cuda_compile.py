@@ -38,7 +38,9 @@ def test_kernel_files_include_no_torch_headers():
 
 
 def _nvcc_command(nvcc, source, out_dir):
-    return [nvcc, "-std=c++17", *GENCODE, "-c", str(source), "-o", str(Path(out_dir) / f"{source.stem}.o")]
+    # -Xptxas -v: the resource report test_sm90_resources reads (registers, spills, stack).
+    return [nvcc, "-std=c++17", *GENCODE, "-Xptxas", "-v", "-c", str(source), "-o",
+            str(Path(out_dir) / f"{source.stem}.o")]
 
 
 def _binding_command():
@@ -76,6 +78,16 @@ def builds(tmp_path_factory):
         return {name: (commands[name], f.result()) for name, f in futures.items()}, out_dir
 
 
+def _cuda_variants():
+    """benchmarks/cuda_variants.py, whose parsers read ptxas and cuobjdump output."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cuda_variants", ROOT / "benchmarks" / "cuda_variants.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _assert_clean(name, cmd, result):
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{output}"
@@ -96,3 +108,67 @@ def test_binding_parses_against_torch_headers(builds):
     if BINDING.name not in results:
         pytest.skip("needs g++ and the CUDA headers")
     _assert_clean(BINDING.name, *results[BINDING.name])
+
+
+VEC16 = {"float": 4, "double": 2, "__half": 8, "__nv_bfloat16": 8}  # elements per 16 bytes
+
+
+def _is_vectorised(kernel):
+    """Kernels that move 16-byte packs: staged, channels_last split, parameter-gradient (4-value
+    rows), and held or two-sweep kernels whose VEC template argument is 16 bytes of elements."""
+    name, args = kernel.split("<", 1)
+    args = [a.strip() for a in args.rstrip(">").split(",")]
+    if name in ("forward_staged_kernel", "backward_staged_kernel", "param_grad_kernel",
+                "forward_channels_last_split_kernel", "backward_channels_last_split_kernel",
+                "forward_plane_cluster_kernel", "backward_plane_cluster_kernel"):
+        return True
+    return name.endswith(("held_kernel", "two_sweep_kernel")) and args[1] == str(VEC16[args[0]])
+
+
+# Register saves around a slow-path subroutine call (64-bit integer division, IEEE division
+# or square root of doubles) show as a few bytes of spill; a register array that went to
+# local memory (a run-time index) shows as tens of bytes or more, and as LDL/STL in loops.
+MAX_CALL_SAVE_BYTES = 8
+MAX_LOCAL_ACCESSES = 4
+# float64 (the correctness dtype) divides and takes square roots in subroutines; where many
+# registers are live across such a call (a plane's held packs), its saves take more.
+MAX_CALL_SAVE_BYTES_DOUBLE = 64
+MAX_LOCAL_ACCESSES_DOUBLE = 16
+
+
+def test_sm90_resources(builds):
+    """Per kernel on sm_90: no local-memory arrays (at most a call's register saves); 16-byte
+    global loads or global-to-shared copies (and 16-byte stores, for the kernels that write
+    packs) where 16-byte packs move."""
+    results, out_dir = builds
+    if not all(src.name in results for src in KERNEL_SOURCES):
+        pytest.skip("nvcc not found")
+    cv = _cuda_variants()
+    rows = {}
+    for src in KERNEL_SOURCES:
+        _, result = results[src.name]
+        rows.update(cv.parse_ptxas(result.stdout + result.stderr, "sm_90"))
+    assert len(rows) > 50, "ptxas -v reported too few kernels"
+    cuobjdump = cv.find_cuobjdump()
+    if cuobjdump is not None:
+        for src in KERNEL_SOURCES:
+            sass = subprocess.run([cuobjdump, "--dump-sass", str(out_dir / f"{src.stem}.o")],
+                                  capture_output=True, text=True, check=True).stdout
+            for name, counts in cv.parse_sass(sass, "sm_90").items():
+                rows[name].update(counts)
+    names = cv.demangle(list(rows))
+    if not all("<" in name for name in names.values()):
+        pytest.skip("c++filt is needed to name the kernels")
+    for mangled, r in rows.items():
+        kernel = cv.short_kernel_name(names[mangled])
+        double = "<double" in kernel
+        max_bytes = MAX_CALL_SAVE_BYTES_DOUBLE if double else MAX_CALL_SAVE_BYTES
+        assert r["spill_stores"] <= max_bytes and r["stack"] <= max_bytes, f"{kernel}: {r}"
+        if cuobjdump is None:
+            continue
+        max_local = MAX_LOCAL_ACCESSES_DOUBLE if double else MAX_LOCAL_ACCESSES
+        assert r["ldl"] + r["stl"] <= max_local, f"{kernel} uses local memory: {r}"
+        if _is_vectorised(kernel):
+            assert r["ldg128"] + r["ldgsts128"] > 0, f"{kernel} has no 16-byte global load: {r}"
+            if not kernel.startswith("param_grad"):
+                assert r["stg128"] > 0, f"{kernel} has no 16-byte global store: {r}"

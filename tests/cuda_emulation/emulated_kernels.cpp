@@ -17,6 +17,11 @@ inline std::vector<std::string> g_launched;
 // Grid-stride loops cover any grid; a few blocks keep the emulation fast and make
 // every block loop over several planes.
 inline unsigned g_max_blocks = 3;
+// The emulated device: its multiprocessors (the split kernels' automatic cluster size
+// fills about twice these) and the largest cluster it runs (each emulated cluster is
+// cluster * 256 OS threads).
+inline int g_sms = 2;
+inline int g_max_cluster = 4;
 
 inline std::string symbol_name(const void* fn) {
   Dl_info info;
@@ -42,6 +47,24 @@ inline cudaError_t launch(void (*kernel)(KernelArgs...), int64_t blocks, cudaStr
   return cudaSuccess;
 }
 
+// Recorded as "name [cluster N]" so the tests can check the cluster size.
+template <typename... KernelArgs, typename... Args>
+inline cudaError_t launch_cluster(void (*kernel)(KernelArgs...), int64_t clusters, int cluster_blocks,
+                                  cudaStream_t, const Args&... args) {
+  emu::g_launched.push_back(emu::symbol_name(reinterpret_cast<const void*>(kernel)) +
+                            " [cluster " + std::to_string(cluster_blocks) + "]");
+  const unsigned count = std::min(unsigned(std::min<int64_t>(clusters, kMaxBlocks)), emu::g_max_blocks);
+  emu::run_clusters(count, unsigned(cluster_blocks), kBlock, [&] { kernel(args...); });
+  return cudaSuccess;
+}
+
+inline int device_sms() { return emu::g_sms; }
+
+template <typename... KernelArgs>
+inline int max_cluster_blocks(void (*)(KernelArgs...)) {
+  return emu::g_max_cluster;
+}
+
 }  // namespace detail
 }  // namespace sa_kernels
 
@@ -65,7 +88,8 @@ GateParams<Acc> gate_params(const void* const* params, int64_t half) {
 template <typename T>
 int forward(const void* x, const int64_t* xs, void* out, const int64_t* os,
             const void* const* params,
-            int64_t half, void* mean, void* rstd, const int64_t* shape, double eps, int64_t limit) {
+            int64_t half, void* mean, void* rstd, const int64_t* shape, double eps, int64_t limit,
+            int64_t variant) {
   using Acc = acc_t<T>;
   ForwardParams<T> p;
   p.x = static_cast<const T*>(x);
@@ -78,6 +102,7 @@ int forward(const void* x, const int64_t* xs, void* out, const int64_t* os,
   p.shape = shape4(shape);
   p.eps = eps;
   p.register_plane_limit = limit;
+  p.variant = variant;
   return int(shuffle_attention_forward<T>(p, nullptr));
 }
 
@@ -85,7 +110,7 @@ template <typename T>
 int backward(const void* dy, const int64_t* dys, const void* x, const int64_t* xs, void* dx,
              const int64_t* dxs, const void* const* params, int64_t half, const void* mean,
              const void* rstd, void* partials, void* const* grads, const int64_t* shape,
-             int64_t limit) {
+             int64_t limit, int64_t variant) {
   using Acc = acc_t<T>;
   BackwardParams<T> p;
   p.grad_out = static_cast<const T*>(dy);
@@ -102,6 +127,7 @@ int backward(const void* dy, const int64_t* dys, const void* x, const int64_t* x
              static_cast<Acc*>(grads[3]), static_cast<Acc*>(grads[4]), static_cast<Acc*>(grads[5])};
   p.shape = shape4(shape);
   p.register_plane_limit = limit;
+  p.variant = variant;
   return int(shuffle_attention_backward<T>(p, nullptr));
 }
 
@@ -123,22 +149,31 @@ extern "C" {
 
 int sa_emu_forward(int dtype, const void* x, const int64_t* xs, void* out, const int64_t* os,
                    const void* const* params, int64_t half, void* mean, void* rstd,
-                   const int64_t* shape, double eps, int64_t limit, unsigned max_blocks) {
+                   const int64_t* shape, double eps, int64_t limit, int64_t variant,
+                   unsigned max_blocks) {
   emu::g_max_blocks = max_blocks;
   return dispatch(dtype, [&](auto tag) {
-    return forward<decltype(tag)>(x, xs, out, os, params, half, mean, rstd, shape, eps, limit);
+    return forward<decltype(tag)>(x, xs, out, os, params, half, mean, rstd, shape, eps, limit,
+                                  variant);
   });
 }
 
 int sa_emu_backward(int dtype, const void* dy, const int64_t* dys, const void* x, const int64_t* xs,
                     void* dx, const int64_t* dxs, const void* const* params, int64_t half,
                     const void* mean, const void* rstd, void* partials, void* const* grads,
-                    const int64_t* shape, int64_t limit, unsigned max_blocks) {
+                    const int64_t* shape, int64_t limit, int64_t variant, unsigned max_blocks) {
   emu::g_max_blocks = max_blocks;
   return dispatch(dtype, [&](auto tag) {
     return backward<decltype(tag)>(dy, dys, x, xs, dx, dxs, params, half, mean, rstd, partials,
-                                   grads, shape, limit);
+                                   grads, shape, limit, variant);
   });
+}
+
+// The emulated device's multiprocessors and largest cluster (what device_sms and
+// max_cluster_blocks report to the launchers).
+void sa_emu_set_device(int sms, int max_cluster) {
+  emu::g_sms = sms;
+  emu::g_max_cluster = max_cluster;
 }
 
 // The kernels launched since the last call, one name a line; returns the length needed.
