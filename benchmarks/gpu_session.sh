@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh                    # every stage, in the order below
 #   bash benchmarks/gpu_session.sh build test         # chosen stages, in the order given
 #   SESSION_DRY_RUN=1 bash benchmarks/gpu_session.sh  # print the plan (commands, time limits)
+#   bash benchmarks/gpu_session.sh sweep-cuda sweep-triton   # a second call, machine still warm:
+#                                                     # every CUDA and Triton kernel variant timed
 #   bash benchmarks/gpu_session.sh bench-cpu          # issue 10's CPU targets on this machine's
 #                                                     # CPU (an idle one), GPU hidden; not a default stage
 #
@@ -63,14 +65,16 @@ SUMMARY="$OUT/summary.txt"
 # tests 36 s with -n 12, 5-10 s per cold torch.compile of the reference), not measurements of
 # this script; the first session's summary.txt replaces them.
 declare -A BUDGET=([info]=15 [build]=150 [test]=120 [bench-kernels]=240 [bench-models]=150
-                   [sanitize]=120 [bench-model-compile]=200 [report]=30 [bench-cpu]=400)
+                   [sanitize]=120 [bench-model-compile]=200 [report]=30 [bench-cpu]=400
+                   [sweep-cuda]=200 [sweep-triton]=200)
 declare -A MINIMUM=([info]=5 [build]=60 [test]=45 [bench-kernels]=90 [bench-models]=60
-                    [sanitize]=45 [bench-model-compile]=0 [report]=20 [bench-cpu]=0)
+                    [sanitize]=45 [bench-model-compile]=0 [report]=20 [bench-cpu]=0
+                    [sweep-cuda]=60 [sweep-triton]=60)
 ALL_STAGES=(info build test bench-kernels bench-models sanitize bench-model-compile report)
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=("${ALL_STAGES[@]}")
 for stage in "${STAGES[@]}"; do
-  [ -n "${BUDGET[$stage]+x}" ] || { echo "unknown stage $stage (${ALL_STAGES[*]} bench-cpu)"; exit 2; }
+  [ -n "${BUDGET[$stage]+x}" ] || { echo "unknown stage $stage (${ALL_STAGES[*]} bench-cpu sweep-cuda sweep-triton)"; exit 2; }
 done
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
@@ -188,6 +192,26 @@ stage_bench_cpu() {
   return $rc
 }
 
+# The kernel variants of issues 11 and 12 (not default stages: a second call of the session,
+# right after the first while the machine is warm, so the build is still there):
+#   bash benchmarks/gpu_session.sh sweep-cuda sweep-triton
+# Their JSON and markdown go into logs.tgz; the tables into summary.txt.
+stage_sweep_cuda() {
+  run_limited "$1" "$LOGS/sweep-cuda.log" "$PY" benchmarks/cuda_variants.py --out "$LOGS/sweep-cuda" \
+    --budget-s $(($1 - 20))
+  local rc=$?
+  [ "$DRY" = 1 ] || { tail -40 "$LOGS/sweep-cuda.log" >>"$SUMMARY"; }
+  return $rc
+}
+
+stage_sweep_triton() {
+  run_limited "$1" "$LOGS/sweep-triton.log" "$PY" benchmarks/triton_sweep.py --out "$LOGS/sweep-triton" \
+    --max-seconds $(($1 - 60))
+  local rc=$?
+  [ "$DRY" = 1 ] || { tail -40 "$LOGS/sweep-triton.log" >>"$SUMMARY"; }
+  return $rc
+}
+
 stage_report() {
   local jsons=() f
   for f in "$LOGS/bench-kernels.json" "$LOGS/bench-models.json" "$LOGS/bench-model-compile.json"; do
@@ -229,6 +253,8 @@ for i in "${!STAGES[@]}"; do
     sanitize) stage_sanitize "$t" ;;
     report) stage_report "$t" ;;
     bench-cpu) stage_bench_cpu "$t" ;;
+    sweep-cuda) stage_sweep_cuda "$t" ;;
+    sweep-triton) stage_sweep_triton "$t" ;;
   esac
   rc=$?
   [ "$rc" -ne 0 ] && status=1
