@@ -12,7 +12,7 @@ import torch
 
 import sa_kernels
 from sa_kernels import _native
-from helpers import assert_matches_reference, random_input, random_reference
+from helpers import TOLERANCES, assert_matches_reference, random_input, random_reference
 
 FWD = torch.ops.sa_kernels.shuffle_attention.default
 BWD = torch.ops.sa_kernels.shuffle_attention_backward.default
@@ -106,6 +106,27 @@ def test_every_vector_path_matches_the_reference(B, C, H, W, G, fmt, dtype):
     ref = random_reference(C, G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     x = random_input((B, C, H, W), dtype, "cpu", fmt)
     assert_matches_reference(ref, sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu"), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("fmt", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_a_nan_reaches_its_whole_output_plane_and_no_other(fmt, dtype):
+    # The float sigmoid's fast exp maps NaN to a number: a NaN plane (its mean and every
+    # gate) must still give a NaN output plane, as the reference does.
+    C, G = 64, 4  # half = 8: channel planes 0-7, spatial planes 8-15 of each group
+    ref = random_reference(C, G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    x = random_input((2, C, 5, 7), dtype, "cpu", fmt)
+    x[0, 3, 2, 4] = float("nan")   # a channel-branch plane
+    x[1, 9, 0, 0] = float("nan")   # a spatial-branch plane
+    x[1, 40, 4, 6] = float("nan")  # a spatial-branch plane of the second half (output 2j + 1)
+    with torch.no_grad():
+        out = sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu")(x)
+        expected = sa_kernels.ShuffleAttention(C, G=G).to(torch.float64)
+        expected.load_state_dict(ref.state_dict())
+        expected = expected(x.to(torch.float64))
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert torch.isnan(expected).flatten(2).all(2).sum() == 3  # three whole planes
+    torch.testing.assert_close(out.to(torch.float64), expected, equal_nan=True, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("dy_fmt", LAYOUTS.values(), ids=LAYOUTS.keys())

@@ -9,6 +9,7 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/vec_convert.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -42,7 +43,8 @@ struct Lanes {
   // The first n < kSize elements; the other lanes are zero.
   static V load(const T* p, int64_t n) {
     if constexpr (kReduced<T>) {
-      return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n)));
+      // One vector of T holds twice kSize elements: convert only the low half.
+      return at::vec::convert<A>(at::vec::Vectorized<T>::loadu(p, n));
     } else {
       return V::loadu(p, n);
     }
@@ -50,17 +52,28 @@ struct Lanes {
 
   static void store(T* p, const V& v, int64_t n = kSize) {
     if constexpr (kReduced<T>) {
-      at::vec::convert_from_float<T>(v, v).store(p, int(n));  // rounds to nearest even
+      at::vec::convert<T>(v).store(p, int(n));  // rounds to nearest even, into the low half
     } else {
       v.store(p, int(n));
     }
   }
 };
 
+// sigmoid(z) = 1 / (1 + exp(-z)). In float it uses ATen's exp_u20 (a short polynomial,
+// documented 20 ULP) rather than Sleef's exp (u10): measured over every float z against
+// float64 (AVX-512 and AVX2), the sigmoid's worst relative error is 4.2e-7 (3.5 float ulps;
+// 1.5e-7 with u10) where the result is a normal float, and 2.9e-39 absolute below it (the
+// same as u10), far inside the tests' float32 rtol of 1e-4. exp_u20 turns NaN into a number,
+// so a NaN z is passed through: a NaN plane (its mean) keeps a NaN output. Double keeps u10.
 template <typename V>
 inline V vec_sigmoid(const V& z) {
   const V one(1);
-  return one / (one + z.neg().exp());
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    const V s = one / (one + z.neg().exp_u20());
+    return V::blendv(s, z, z.isnan());
+  } else {
+    return one / (one + z.neg().exp());
+  }
 }
 
 // Sum of a vector's lanes as a pairwise tree: a fixed order (reproducible results) with a
