@@ -389,29 +389,66 @@ inline void store_pairs(T* out, const typename Lanes<T>::V& y0, const typename L
   if (2 * count > N) Lanes<T>::store(out + N, std::get<1>(lo_hi), 2 * count - N);
 }
 
-// The gates of a vector of channels (one lane each). A vector of channel-branch planes
-// only has constant gates, sigmoid(beta): no exp per element.
-template <typename V>
-struct VectorGate {
-  using A = typename V::value_type;
-  V mean, alpha, beta, constant;
-  bool any_spatial = true;
+// The gate values of a vector of channels, one lane each (lanes past the last channel: zero).
+template <typename A>
+struct LaneGates {
+  static constexpr int kSize = at::vec::Vectorized<A>::size();
+  A mean[kSize] = {}, alpha[kSize] = {}, beta[kSize] = {};
+  bool spatial[kSize] = {};
 
-  VectorGate() = default;
-  VectorGate(const A* mean_, const A* alpha_, const A* beta_, bool any_spatial_)
-      : mean(V::loadu(mean_)), alpha(V::loadu(alpha_)), beta(V::loadu(beta_)),
-        constant(vec_sigmoid(beta)), any_spatial(any_spatial_) {}
-
-  // s = sigmoid(alpha * (x - mean) + beta), given xc = x - mean.
-  V gate(const V& xc) const {
-    return any_spatial ? vec_sigmoid(at::vec::fmadd(alpha, xc, beta)) : constant;
+  void set(int64_t lane, const Params<A>& params, int64_t c, A mean_, A rstd) {
+    const auto gate = plane_math::plane_gate<A>(params, c, mean_, rstd);
+    mean[lane] = mean_;
+    alpha[lane] = gate.alpha;
+    beta[lane] = gate.beta;
+    spatial[lane] = gate.spatial;
   }
+
+  bool any_spatial() const { return std::any_of(spatial, spatial + kSize, [](bool b) { return b; }); }
 };
 
-// Per-channel values of a task, by half h (0: channels j, 1: channels C/2 + j) and vector.
-template <typename A>
-struct TaskLanes {
-  A v[2][kMaxVectorsPerHalf][at::vec::Vectorized<A>::size()];
+// The gates of a channels-last pair vector: the same channel offset in both halves (h = 0:
+// channels j, h = 1: channels C/2 + j), whose outputs are adjacent. A vector of
+// channel-branch planes only has constant gates, sigmoid(beta): no exp per element. Where
+// both vectors mix the branches (G = 64 alternates them every 2 to 16 channels), their
+// spatial lanes are packed into one vector for a single sigmoid.
+template <typename V>
+class PairGates {
+ public:
+  using A = typename V::value_type;
+  V mean[2], alpha[2];
+
+  PairGates() = default;
+  PairGates(const LaneGates<A>& h0, const LaneGates<A>& h1) {
+    const LaneGates<A>* lanes[2] = {&h0, &h1};
+    for (int h = 0; h < 2; ++h) {
+      mean[h] = V::loadu(lanes[h]->mean);
+      alpha[h] = V::loadu(lanes[h]->alpha);
+      beta_[h] = V::loadu(lanes[h]->beta);
+      constant_[h] = vec_sigmoid(beta_[h]);
+      any_spatial_[h] = lanes[h]->any_spatial();
+    }
+    if (any_spatial_[0] && any_spatial_[1]) {  // else one sigmoid at most already
+      packer_ = LanePacker<V>(h0.spatial, h1.spatial);
+      packed_ = packer_.packable();
+    }
+  }
+
+  // s[h] = sigmoid(alpha (x - mean) + beta), given xc[h] = x - mean.
+  void gates(const V (&xc)[2], V (&s)[2]) const {
+    auto z = [&](int h) { return at::vec::fmadd(alpha[h], xc[h], beta_[h]); };
+    if (packed_) {
+      packer_.unpack(vec_sigmoid(packer_.pack(z(0), z(1))), constant_[0], constant_[1], s[0], s[1]);
+      return;
+    }
+    for (int h = 0; h < 2; ++h) s[h] = any_spatial_[h] ? vec_sigmoid(z(h)) : constant_[h];
+  }
+
+ private:
+  V beta_[2], constant_[2];
+  bool any_spatial_[2] = {true, true};
+  bool packed_ = false;
+  LanePacker<V> packer_;
 };
 
 template <typename T>
@@ -452,8 +489,7 @@ void forward_channels_last(const ForwardArgs<T>& p) {
           }
         }
       }
-      TaskLanes<A> mean{}, alpha{}, beta{};
-      bool spatial[2][kMaxVectorsPerHalf] = {};
+      LaneGates<A> lanes[2][kMaxVectorsPerHalf];
       for (int h = 0; h < 2; ++h) {
         for (int64_t v = 0; v < blk.vectors; ++v) {
           A k[N], a1[N], a2[N];
@@ -465,32 +501,25 @@ void forward_channels_last(const ForwardArgs<T>& p) {
             const auto mom = plane_math::moments_from_shifted_sums(k[l], a1[l], a2[l], n, p.eps);
             p.mean[b * g.channels + c] = mom.mean;
             p.rstd[b * g.channels + c] = mom.rstd;
-            const auto gate = plane_math::plane_gate<A>(p.params, c, mom.mean, mom.rstd);
-            mean.v[h][v][l] = mom.mean;
-            alpha.v[h][v][l] = gate.alpha;
-            beta.v[h][v][l] = gate.beta;
-            spatial[h][v] = spatial[h][v] || gate.spatial;
+            lanes[h][v].set(l, p.params, c, mom.mean, mom.rstd);
           }
         }
       }
 
       // Output: gate each pair and store it interleaved at channels 2j, 2j + 1.
-      VectorGate<V> gates[2][kMaxVectorsPerHalf];
-      for (int h = 0; h < 2; ++h) {
-        for (int64_t v = 0; v < blk.vectors; ++v) {
-          gates[h][v] = VectorGate<V>(mean.v[h][v], alpha.v[h][v], beta.v[h][v], spatial[h][v]);
-        }
-      }
+      PairGates<V> gates[kMaxVectorsPerHalf];
+      for (int64_t v = 0; v < blk.vectors; ++v) gates[v] = PairGates<V>(lanes[0][v], lanes[1][v]);
       for (int64_t pos = 0; pos < n; ++pos) {
         const T* row = x + pos * g.channels;
         T* orow = out + pos * g.channels + 2 * blk.j0;
         for (int64_t v = 0; v < blk.vectors; ++v) {
-          V y[2];
+          V xv[2], xc[2], s[2];
           for (int h = 0; h < 2; ++h) {
-            const V xv = load_count(row + first[h] + v * N, blk.counts[v]);
-            y[h] = xv * gates[h][v].gate(xv - gates[h][v].mean);
+            xv[h] = load_count(row + first[h] + v * N, blk.counts[v]);
+            xc[h] = xv[h] - gates[v].mean[h];
           }
-          store_pairs<T>(orow + 2 * v * N, y[0], y[1], blk.counts[v]);
+          gates[v].gates(xc, s);
+          store_pairs<T>(orow + 2 * v * N, xv[0] * s[0], xv[1] * s[1], blk.counts[v]);
         }
       }
     }
@@ -587,21 +616,16 @@ void backward_channels_last(const BackwardArgs<T>& p) {
       T* dx = p.dx + b * p.ds.b;
       const int64_t first[2] = {blk.j0, half_c + blk.j0};
 
-      VectorGate<V> gates[2][kMaxVectorsPerHalf];
-      for (int h = 0; h < 2; ++h) {
-        for (int64_t v = 0; v < blk.vectors; ++v) {
-          A m[N] = {}, a[N] = {}, bb[N] = {};
-          bool any_spatial = false;
+      PairGates<V> gates[kMaxVectorsPerHalf];
+      for (int64_t v = 0; v < blk.vectors; ++v) {
+        LaneGates<A> lanes[2];
+        for (int h = 0; h < 2; ++h) {
           for (int64_t l = 0; l < blk.counts[v]; ++l) {
-            const int64_t q = b * g.channels + first[h] + v * N + l;
-            const auto gate = plane_math::plane_gate<A>(p.params, q % g.channels, p.mean[q], p.rstd[q]);
-            m[l] = p.mean[q];
-            a[l] = gate.alpha;
-            bb[l] = gate.beta;
-            any_spatial = any_spatial || gate.spatial;
+            const int64_t c = first[h] + v * N + l, q = b * g.channels + c;
+            lanes[h].set(l, p.params, c, p.mean[q], p.rstd[q]);
           }
-          gates[h][v] = VectorGate<V>(m, a, bb, any_spatial);
         }
+        gates[v] = PairGates<V>(lanes[0], lanes[1]);
       }
 
       // The upstream gradient of pair j sits interleaved at output channels 2j, 2j + 1.
@@ -615,6 +639,14 @@ void backward_channels_last(const BackwardArgs<T>& p) {
         out[1] = std::get<1>(d);
       };
 
+      // x of vector v of both halves at one position, and x - mean.
+      auto load_centred = [&](const T* row, int64_t v, V (&xv)[2], V (&xc)[2]) {
+        for (int h = 0; h < 2; ++h) {
+          xv[h] = load_count(row + first[h] + v * N, blk.counts[v]);
+          xc[h] = xv[h] - gates[v].mean[h];
+        }
+      };
+
       // Pass 1: plane sums S1 = sum(dt) and sum(dt * (x - mean)) per channel lane.
       V acc1[2][kMaxVectorsPerHalf], acc2[2][kMaxVectorsPerHalf];
       for (int h = 0; h < 2; ++h) {
@@ -623,15 +655,14 @@ void backward_channels_last(const BackwardArgs<T>& p) {
       for (int64_t pos = 0; pos < n; ++pos) {
         const T* row = x + pos * g.channels;
         for (int64_t v = 0; v < blk.vectors; ++v) {
-          V d[2];
+          V d[2], xv[2], xc[2], s[2];
           load_dy(dy + pos * g.channels, v, d);
+          load_centred(row, v, xv, xc);
+          gates[v].gates(xc, s);
           for (int h = 0; h < 2; ++h) {
-            const V xv = load_count(row + first[h] + v * N, blk.counts[v]);
-            const V xc = xv - gates[h][v].mean;
-            const V s = gates[h][v].gate(xc);
-            const V dt = d[h] * xv * s * (one - s);
+            const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
             acc1[h][v] += dt;
-            acc2[h][v] = at::vec::fmadd(dt, xc, acc2[h][v]);
+            acc2[h][v] = at::vec::fmadd(dt, xc[h], acc2[h][v]);
           }
         }
       }
@@ -662,14 +693,13 @@ void backward_channels_last(const BackwardArgs<T>& p) {
         const T* row = x + pos * g.channels;
         T* drow = dx + pos * g.channels;
         for (int64_t v = 0; v < blk.vectors; ++v) {
-          V d[2];
+          V d[2], xv[2], xc[2], s[2];
           load_dy(dy + pos * g.channels, v, d);
+          load_centred(row, v, xv, xc);
+          gates[v].gates(xc, s);
           for (int h = 0; h < 2; ++h) {
-            const V xv = load_count(row + first[h] + v * N, blk.counts[v]);
-            const V xc = xv - gates[h][v].mean;
-            const V s = gates[h][v].gate(xc);
-            const V dt = d[h] * xv * s * (one - s);
-            const V r = at::vec::fmadd(d[h], s, at::vec::fmadd(gates[h][v].alpha, dt, at::vec::fmadd(vk1[h][v], xc, vk0[h][v])));
+            const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
+            const V r = at::vec::fmadd(d[h], s[h], at::vec::fmadd(gates[v].alpha[h], dt, at::vec::fmadd(vk1[h][v], xc[h], vk0[h][v])));
             Lanes<T>::store(drow + first[h] + v * N, r, blk.counts[v]);
           }
         }
