@@ -50,6 +50,13 @@ constexpr int kMaxVectorsPerHalf = 4;
 // the core's cache between its statistics pass and its output pass.
 constexpr int64_t kTaskCacheBytes = 512 * 1024;
 
+// Planes are taken a block at a time: the statistics of all of them, then their gates,
+// then their outputs. Small planes (7x7, 14x14) are dominated by the per-plane scalar work
+// (reductions, division, square root, exp), which overlaps across a block's planes this
+// way; the block stays in cache from the first pass to the last.
+constexpr int64_t kBlockBytes = 64 * 1024;
+constexpr int64_t kMaxBlockPlanes = 32;
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct Geometry {
@@ -116,27 +123,56 @@ class ParamTable {
 
 // ---- a plane in row-major order: in place, or gathered into a contiguous row ----------
 
+// The planes of one tensor, read and written in row-major order: in place where every plane
+// is a contiguous run, else through a row buffer. Whether it is, is decided once per tensor.
 template <typename T>
-const T* plane_for_reading(const T* plane, const Strides& s, const Geometry& g, T* row) {
-  if (planes_contiguous(s, g)) return plane;
-  for (int64_t h = 0; h < g.height; ++h) {
-    for (int64_t w = 0; w < g.width; ++w) row[h * g.width + w] = plane[h * s.h + w * s.w];
-  }
-  return row;
-}
+class PlaneAccess {
+ public:
+  PlaneAccess(const Strides& s, const Geometry& g) : s_(s), g_(g), in_place_(planes_contiguous(s, g)) {}
 
-template <typename T>
-T* plane_for_writing(T* plane, const Strides& s, const Geometry& g, T* row) {
-  return planes_contiguous(s, g) ? plane : row;
-}
+  bool in_place() const { return in_place_; }
 
-template <typename T>
-void finish_writing(T* plane, const Strides& s, const Geometry& g, const T* row) {
-  if (planes_contiguous(s, g)) return;
-  for (int64_t h = 0; h < g.height; ++h) {
-    for (int64_t w = 0; w < g.width; ++w) plane[h * s.h + w * s.w] = row[h * g.width + w];
+  const T* read(const T* plane, T* row) const {
+    if (in_place_) return plane;
+    for (int64_t h = 0; h < g_.height; ++h) {
+      for (int64_t w = 0; w < g_.width; ++w) row[h * g_.width + w] = plane[h * s_.h + w * s_.w];
+    }
+    return row;
   }
-}
+
+  // Where to write the plane; finish() then moves it into place if that was the row.
+  T* target(T* plane, T* row) const { return in_place_ ? plane : row; }
+
+  void finish(T* plane, const T* row) const {
+    if (in_place_) return;
+    for (int64_t h = 0; h < g_.height; ++h) {
+      for (int64_t w = 0; w < g_.width; ++w) plane[h * s_.h + w * s_.w] = row[h * g_.width + w];
+    }
+  }
+
+ private:
+  Strides s_;
+  Geometry g_;
+  bool in_place_;
+};
+
+// (batch, channel) of a block's consecutive planes, found with one division per block (an
+// integer division per plane costs as much as a small plane's arithmetic).
+struct BlockPlanes {
+  int64_t b[kMaxBlockPlanes], c[kMaxBlockPlanes];
+
+  BlockPlanes(int64_t first, int64_t count, int64_t channels) {
+    int64_t bb = first / channels, cc = first % channels;
+    for (int64_t k = 0; k < count; ++k) {
+      b[k] = bb;
+      c[k] = cc;
+      if (++cc == channels) {
+        cc = 0;
+        ++bb;
+      }
+    }
+  }
+};
 
 // ---- plane kernels -----------------------------------------------------------------
 
@@ -280,12 +316,6 @@ struct ForwardArgs {
   double eps;
 };
 
-// Planes are taken a block at a time: the statistics of all of them, then their gates,
-// then their outputs. Small planes (7x7, 14x14) are dominated by the per-plane scalar work
-// (reductions, division, square root, exp), which overlaps across a block's planes this
-// way; the block stays in cache from the first pass to the last.
-constexpr int64_t kBlockBytes = 64 * 1024;
-constexpr int64_t kMaxBlockPlanes = 32;
 
 inline int64_t planes_per_block(int64_t n, int64_t element_bytes) {
   return std::min(kMaxBlockPlanes, std::max<int64_t>(1, kBlockBytes / (n * element_bytes)));
@@ -309,18 +339,19 @@ void forward_planes(const ForwardArgs<T>& p) {
   const int64_t n = g.hw();
   const int64_t per_block = planes_per_block(n, sizeof(T));
   parallel_over_blocks(g, per_block, [&](int64_t begin, int64_t end) {
+    const PlaneAccess<T> xa(p.xs, g), oa(p.os, g);
     std::vector<T> in_rows, out_rows;  // for planes that are not contiguous runs
-    if (!planes_contiguous(p.xs, g)) in_rows.resize(per_block * n);
-    if (!planes_contiguous(p.os, g)) out_rows.resize(per_block * n);
+    if (!xa.in_place()) in_rows.resize(per_block * n);
+    if (!oa.in_place()) out_rows.resize(per_block * n);
     const T* x[kMaxBlockPlanes];
     ShiftedSums<A> sums[kMaxBlockPlanes];
     A mean[kMaxBlockPlanes];
     Gate<A> gate[kMaxBlockPlanes];
     for (int64_t first = begin; first < end; first += per_block) {
       const int64_t count = std::min(per_block, end - first);
+      const BlockPlanes where(first, count, g.channels);
       for (int64_t k = 0; k < count; ++k) {
-        const int64_t b = (first + k) / g.channels, c = (first + k) % g.channels;
-        x[k] = plane_for_reading(p.x + b * p.xs.b + c * p.xs.c, p.xs, g, in_rows.data() + k * n);
+        x[k] = xa.read(p.x + where.b[k] * p.xs.b + where.c[k] * p.xs.c, in_rows.data() + k * n);
         sums[k] = plane_shifted_sums(x[k], n);
       }
       for (int64_t k = 0; k < count; ++k) {
@@ -329,14 +360,13 @@ void forward_planes(const ForwardArgs<T>& p) {
             plane_math::moments_from_shifted_sums(sums[k].shift, sums[k].sum1, sums[k].sum2, n, p.eps);
         p.mean[q] = mean[k] = mom.mean;
         p.rstd[q] = mom.rstd;
-        gate[k] = plane_math::plane_gate<A>(p.params, q % g.channels, mom.mean, mom.rstd);
+        gate[k] = plane_math::plane_gate<A>(p.params, where.c[k], mom.mean, mom.rstd);
       }
       for (int64_t k = 0; k < count; ++k) {
-        const int64_t b = (first + k) / g.channels, c = (first + k) % g.channels;
-        T* out_plane = p.out + b * p.os.b + plane_math::output_channel(c, g.channels) * p.os.c;
-        T* out = plane_for_writing(out_plane, p.os, g, out_rows.data() + k * n);
+        T* out_plane = p.out + where.b[k] * p.os.b + plane_math::output_channel(where.c[k], g.channels) * p.os.c;
+        T* out = oa.target(out_plane, out_rows.data() + k * n);
         gate_plane(x[k], out, n, mean[k], gate[k]);
-        finish_writing(out_plane, p.os, g, out);
+        oa.finish(out_plane, out);
       }
     }
   });
@@ -562,33 +592,35 @@ void backward_planes(const BackwardArgs<T>& p) {
   const int64_t n = g.hw();
   const int64_t per_block = planes_per_block(n, sizeof(T));
   parallel_over_blocks(g, per_block, [&](int64_t begin, int64_t end) {
+    const PlaneAccess<T> xa(p.xs, g), dya(p.gs, g), dxa(p.ds, g);
     std::vector<A> scratch(per_block * n);
     std::vector<T> x_rows, dy_rows, dx_rows;  // for planes that are not contiguous runs
-    if (!planes_contiguous(p.xs, g)) x_rows.resize(per_block * n);
-    if (!planes_contiguous(p.gs, g)) dy_rows.resize(per_block * n);
-    if (!planes_contiguous(p.ds, g)) dx_rows.resize(per_block * n);
+    if (!xa.in_place()) x_rows.resize(per_block * n);
+    if (!dya.in_place()) dy_rows.resize(per_block * n);
+    if (!dxa.in_place()) dx_rows.resize(per_block * n);
     const T* x[kMaxBlockPlanes];
     const T* dy[kMaxBlockPlanes];
     Gate<A> gate[kMaxBlockPlanes];
     std::pair<A, A> sums[kMaxBlockPlanes];
     for (int64_t first = begin; first < end; first += per_block) {
       const int64_t count = std::min(per_block, end - first);
+      const BlockPlanes where(first, count, g.channels);
       for (int64_t k = 0; k < count; ++k) {
-        const int64_t q = first + k, b = q / g.channels, c = q % g.channels;
+        const int64_t q = first + k, b = where.b[k], c = where.c[k];
         const int64_t o = plane_math::output_channel(c, g.channels);
-        x[k] = plane_for_reading(p.x + b * p.xs.b + c * p.xs.c, p.xs, g, x_rows.data() + k * n);
-        dy[k] = plane_for_reading(p.grad_out + b * p.gs.b + o * p.gs.c, p.gs, g, dy_rows.data() + k * n);
+        x[k] = xa.read(p.x + b * p.xs.b + c * p.xs.c, x_rows.data() + k * n);
+        dy[k] = dya.read(p.grad_out + b * p.gs.b + o * p.gs.c, dy_rows.data() + k * n);
         gate[k] = plane_math::plane_gate<A>(p.params, c, p.mean[q], p.rstd[q]);
         sums[k] = backward_plane_sums(x[k], dy[k], n, p.mean[q], p.rstd[q], gate[k], scratch.data() + k * n);
       }
       for (int64_t k = 0; k < count; ++k) {
-        const int64_t q = first + k, b = q / g.channels, c = q % g.channels;
+        const int64_t q = first + k;
         const auto coef = plane_math::grad_coefficients(p.params, gate[k], p.rstd[q], sums[k].first, sums[k].second, n);
         plane_math::plane_partials(p.partials + 2 * q, gate[k].spatial, sums[k].first, sums[k].second, p.mean[q]);
-        T* dx_plane = p.dx + b * p.ds.b + c * p.ds.c;
-        T* dx = plane_for_writing(dx_plane, p.ds, g, dx_rows.data() + k * n);
+        T* dx_plane = p.dx + where.b[k] * p.ds.b + where.c[k] * p.ds.c;
+        T* dx = dxa.target(dx_plane, dx_rows.data() + k * n);
         backward_plane_dx(x[k], dy[k], dx, n, p.mean[q], gate[k], coef, scratch.data() + k * n);
-        finish_writing(dx_plane, p.ds, g, dx);
+        dxa.finish(dx_plane, dx);
       }
     }
   });
