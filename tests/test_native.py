@@ -12,7 +12,7 @@ import torch
 
 import sa_kernels
 from sa_kernels import _native
-from helpers import assert_matches_reference, random_input, random_reference
+from helpers import TOLERANCES, assert_matches_reference, random_input, random_reference
 
 FWD = torch.ops.sa_kernels.shuffle_attention.default
 BWD = torch.ops.sa_kernels.shuffle_attention_backward.default
@@ -106,6 +106,49 @@ def test_every_vector_path_matches_the_reference(B, C, H, W, G, fmt, dtype):
     ref = random_reference(C, G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     x = random_input((B, C, H, W), dtype, "cpu", fmt)
     assert_matches_reference(ref, sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu"), x)
+
+
+# channels_last vectors mix the two branches when half < the vector width: their spatial lanes
+# are packed into one vector per pair of halves where they fit (G even: the halves share a
+# lane pattern; G odd: complementary patterns), and take a sigmoid each where they do not.
+PACKED_LANE_SHAPES = [
+    (2, 256, 3, 5, 64),    # SA-ResNet stage 1's G = 64, half = 2: every vector mixed, packed
+    (1, 512, 2, 3, 64),    # half = 4
+    (1, 1024, 3, 2, 64),   # half = 8
+    (2, 2048, 2, 2, 64),   # half = 16: whole vectors of one branch
+    (2, 6, 4, 3, 3),       # half = 1, G odd, three pairs: one partial vector
+    (2, 96, 3, 3, 16),     # half = 3: some vector pairs fit one vector, some do not
+    (2, 130, 3, 4, 13),    # half = 5, G odd: complementary halves, a partial last vector
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("B,C,H,W,G", PACKED_LANE_SHAPES, ids=str)
+def test_channels_last_mixed_branch_vectors_match_the_reference(B, C, H, W, G, dtype):
+    ref = random_reference(C, G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    x = random_input((B, C, H, W), dtype, "cpu", torch.channels_last)
+    assert_matches_reference(ref, sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu"), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("fmt", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_a_nan_reaches_its_whole_output_plane_and_no_other(fmt, dtype):
+    # The float sigmoid's fast exp maps NaN to a number: a NaN plane (its mean and every
+    # gate) must still give a NaN output plane, as the reference does.
+    C, G = 64, 4  # half = 8: channel planes 0-7, spatial planes 8-15 of each group
+    ref = random_reference(C, G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    x = random_input((2, C, 5, 7), dtype, "cpu", fmt)
+    x[0, 3, 2, 4] = float("nan")   # a channel-branch plane
+    x[1, 9, 0, 0] = float("nan")   # a spatial-branch plane
+    x[1, 40, 4, 6] = float("nan")  # a spatial-branch plane of the second half (output 2j + 1)
+    with torch.no_grad():
+        out = sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu")(x)
+        expected = sa_kernels.ShuffleAttention(C, G=G).to(torch.float64)
+        expected.load_state_dict(ref.state_dict())
+        expected = expected(x.to(torch.float64))
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert torch.isnan(expected).flatten(2).all(2).sum() == 3  # three whole planes
+    torch.testing.assert_close(out.to(torch.float64), expected, equal_nan=True, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("dy_fmt", LAYOUTS.values(), ids=LAYOUTS.keys())

@@ -50,6 +50,13 @@ constexpr int kMaxVectorsPerHalf = 4;
 // the core's cache between its statistics pass and its output pass.
 constexpr int64_t kTaskCacheBytes = 512 * 1024;
 
+// Planes are taken a block at a time: the statistics of all of them, then their gates,
+// then their outputs. Small planes (7x7, 14x14) are dominated by the per-plane scalar work
+// (reductions, division, square root, exp), which overlaps across a block's planes this
+// way; the block stays in cache from the first pass to the last.
+constexpr int64_t kBlockBytes = 64 * 1024;
+constexpr int64_t kMaxBlockPlanes = 32;
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct Geometry {
@@ -116,27 +123,56 @@ class ParamTable {
 
 // ---- a plane in row-major order: in place, or gathered into a contiguous row ----------
 
+// The planes of one tensor, read and written in row-major order: in place where every plane
+// is a contiguous run, else through a row buffer. Whether it is, is decided once per tensor.
 template <typename T>
-const T* plane_for_reading(const T* plane, const Strides& s, const Geometry& g, T* row) {
-  if (planes_contiguous(s, g)) return plane;
-  for (int64_t h = 0; h < g.height; ++h) {
-    for (int64_t w = 0; w < g.width; ++w) row[h * g.width + w] = plane[h * s.h + w * s.w];
-  }
-  return row;
-}
+class PlaneAccess {
+ public:
+  PlaneAccess(const Strides& s, const Geometry& g) : s_(s), g_(g), in_place_(planes_contiguous(s, g)) {}
 
-template <typename T>
-T* plane_for_writing(T* plane, const Strides& s, const Geometry& g, T* row) {
-  return planes_contiguous(s, g) ? plane : row;
-}
+  bool in_place() const { return in_place_; }
 
-template <typename T>
-void finish_writing(T* plane, const Strides& s, const Geometry& g, const T* row) {
-  if (planes_contiguous(s, g)) return;
-  for (int64_t h = 0; h < g.height; ++h) {
-    for (int64_t w = 0; w < g.width; ++w) plane[h * s.h + w * s.w] = row[h * g.width + w];
+  const T* read(const T* plane, T* row) const {
+    if (in_place_) return plane;
+    for (int64_t h = 0; h < g_.height; ++h) {
+      for (int64_t w = 0; w < g_.width; ++w) row[h * g_.width + w] = plane[h * s_.h + w * s_.w];
+    }
+    return row;
   }
-}
+
+  // Where to write the plane; finish() then moves it into place if that was the row.
+  T* target(T* plane, T* row) const { return in_place_ ? plane : row; }
+
+  void finish(T* plane, const T* row) const {
+    if (in_place_) return;
+    for (int64_t h = 0; h < g_.height; ++h) {
+      for (int64_t w = 0; w < g_.width; ++w) plane[h * s_.h + w * s_.w] = row[h * g_.width + w];
+    }
+  }
+
+ private:
+  Strides s_;
+  Geometry g_;
+  bool in_place_;
+};
+
+// (batch, channel) of a block's consecutive planes, found with one division per block (an
+// integer division per plane costs as much as a small plane's arithmetic).
+struct BlockPlanes {
+  int64_t b[kMaxBlockPlanes], c[kMaxBlockPlanes];
+
+  BlockPlanes(int64_t first, int64_t count, int64_t channels) {
+    int64_t bb = first / channels, cc = first % channels;
+    for (int64_t k = 0; k < count; ++k) {
+      b[k] = bb;
+      c[k] = cc;
+      if (++cc == channels) {
+        cc = 0;
+        ++bb;
+      }
+    }
+  }
+};
 
 // ---- plane kernels -----------------------------------------------------------------
 
@@ -280,12 +316,6 @@ struct ForwardArgs {
   double eps;
 };
 
-// Planes are taken a block at a time: the statistics of all of them, then their gates,
-// then their outputs. Small planes (7x7, 14x14) are dominated by the per-plane scalar work
-// (reductions, division, square root, exp), which overlaps across a block's planes this
-// way; the block stays in cache from the first pass to the last.
-constexpr int64_t kBlockBytes = 64 * 1024;
-constexpr int64_t kMaxBlockPlanes = 32;
 
 inline int64_t planes_per_block(int64_t n, int64_t element_bytes) {
   return std::min(kMaxBlockPlanes, std::max<int64_t>(1, kBlockBytes / (n * element_bytes)));
@@ -309,18 +339,19 @@ void forward_planes(const ForwardArgs<T>& p) {
   const int64_t n = g.hw();
   const int64_t per_block = planes_per_block(n, sizeof(T));
   parallel_over_blocks(g, per_block, [&](int64_t begin, int64_t end) {
+    const PlaneAccess<T> xa(p.xs, g), oa(p.os, g);
     std::vector<T> in_rows, out_rows;  // for planes that are not contiguous runs
-    if (!planes_contiguous(p.xs, g)) in_rows.resize(per_block * n);
-    if (!planes_contiguous(p.os, g)) out_rows.resize(per_block * n);
+    if (!xa.in_place()) in_rows.resize(per_block * n);
+    if (!oa.in_place()) out_rows.resize(per_block * n);
     const T* x[kMaxBlockPlanes];
     ShiftedSums<A> sums[kMaxBlockPlanes];
     A mean[kMaxBlockPlanes];
     Gate<A> gate[kMaxBlockPlanes];
     for (int64_t first = begin; first < end; first += per_block) {
       const int64_t count = std::min(per_block, end - first);
+      const BlockPlanes where(first, count, g.channels);
       for (int64_t k = 0; k < count; ++k) {
-        const int64_t b = (first + k) / g.channels, c = (first + k) % g.channels;
-        x[k] = plane_for_reading(p.x + b * p.xs.b + c * p.xs.c, p.xs, g, in_rows.data() + k * n);
+        x[k] = xa.read(p.x + where.b[k] * p.xs.b + where.c[k] * p.xs.c, in_rows.data() + k * n);
         sums[k] = plane_shifted_sums(x[k], n);
       }
       for (int64_t k = 0; k < count; ++k) {
@@ -329,14 +360,13 @@ void forward_planes(const ForwardArgs<T>& p) {
             plane_math::moments_from_shifted_sums(sums[k].shift, sums[k].sum1, sums[k].sum2, n, p.eps);
         p.mean[q] = mean[k] = mom.mean;
         p.rstd[q] = mom.rstd;
-        gate[k] = plane_math::plane_gate<A>(p.params, q % g.channels, mom.mean, mom.rstd);
+        gate[k] = plane_math::plane_gate<A>(p.params, where.c[k], mom.mean, mom.rstd);
       }
       for (int64_t k = 0; k < count; ++k) {
-        const int64_t b = (first + k) / g.channels, c = (first + k) % g.channels;
-        T* out_plane = p.out + b * p.os.b + plane_math::output_channel(c, g.channels) * p.os.c;
-        T* out = plane_for_writing(out_plane, p.os, g, out_rows.data() + k * n);
+        T* out_plane = p.out + where.b[k] * p.os.b + plane_math::output_channel(where.c[k], g.channels) * p.os.c;
+        T* out = oa.target(out_plane, out_rows.data() + k * n);
         gate_plane(x[k], out, n, mean[k], gate[k]);
-        finish_writing(out_plane, p.os, g, out);
+        oa.finish(out_plane, out);
       }
     }
   });
@@ -389,29 +419,66 @@ inline void store_pairs(T* out, const typename Lanes<T>::V& y0, const typename L
   if (2 * count > N) Lanes<T>::store(out + N, std::get<1>(lo_hi), 2 * count - N);
 }
 
-// The gates of a vector of channels (one lane each). A vector of channel-branch planes
-// only has constant gates, sigmoid(beta): no exp per element.
-template <typename V>
-struct VectorGate {
-  using A = typename V::value_type;
-  V mean, alpha, beta, constant;
-  bool any_spatial = true;
+// The gate values of a vector of channels, one lane each (lanes past the last channel: zero).
+template <typename A>
+struct LaneGates {
+  static constexpr int kSize = at::vec::Vectorized<A>::size();
+  A mean[kSize] = {}, alpha[kSize] = {}, beta[kSize] = {};
+  bool spatial[kSize] = {};
 
-  VectorGate() = default;
-  VectorGate(const A* mean_, const A* alpha_, const A* beta_, bool any_spatial_)
-      : mean(V::loadu(mean_)), alpha(V::loadu(alpha_)), beta(V::loadu(beta_)),
-        constant(vec_sigmoid(beta)), any_spatial(any_spatial_) {}
-
-  // s = sigmoid(alpha * (x - mean) + beta), given xc = x - mean.
-  V gate(const V& xc) const {
-    return any_spatial ? vec_sigmoid(at::vec::fmadd(alpha, xc, beta)) : constant;
+  void set(int64_t lane, const Params<A>& params, int64_t c, A mean_, A rstd) {
+    const auto gate = plane_math::plane_gate<A>(params, c, mean_, rstd);
+    mean[lane] = mean_;
+    alpha[lane] = gate.alpha;
+    beta[lane] = gate.beta;
+    spatial[lane] = gate.spatial;
   }
+
+  bool any_spatial() const { return std::any_of(spatial, spatial + kSize, [](bool b) { return b; }); }
 };
 
-// Per-channel values of a task, by half h (0: channels j, 1: channels C/2 + j) and vector.
-template <typename A>
-struct TaskLanes {
-  A v[2][kMaxVectorsPerHalf][at::vec::Vectorized<A>::size()];
+// The gates of a channels-last pair vector: the same channel offset in both halves (h = 0:
+// channels j, h = 1: channels C/2 + j), whose outputs are adjacent. A vector of
+// channel-branch planes only has constant gates, sigmoid(beta): no exp per element. Where
+// both vectors mix the branches (G = 64 alternates them every 2 to 16 channels), their
+// spatial lanes are packed into one vector for a single sigmoid.
+template <typename V>
+class PairGates {
+ public:
+  using A = typename V::value_type;
+  V mean[2], alpha[2];
+
+  PairGates() = default;
+  PairGates(const LaneGates<A>& h0, const LaneGates<A>& h1) {
+    const LaneGates<A>* lanes[2] = {&h0, &h1};
+    for (int h = 0; h < 2; ++h) {
+      mean[h] = V::loadu(lanes[h]->mean);
+      alpha[h] = V::loadu(lanes[h]->alpha);
+      beta_[h] = V::loadu(lanes[h]->beta);
+      constant_[h] = vec_sigmoid(beta_[h]);
+      any_spatial_[h] = lanes[h]->any_spatial();
+    }
+    if (any_spatial_[0] && any_spatial_[1]) {  // else one sigmoid at most already
+      packer_ = LanePacker<V>(h0.spatial, h1.spatial);
+      packed_ = packer_.packable();
+    }
+  }
+
+  // s[h] = sigmoid(alpha (x - mean) + beta), given xc[h] = x - mean.
+  void gates(const V (&xc)[2], V (&s)[2]) const {
+    auto z = [&](int h) { return at::vec::fmadd(alpha[h], xc[h], beta_[h]); };
+    if (packed_) {
+      packer_.unpack(vec_sigmoid(packer_.pack(z(0), z(1))), constant_[0], constant_[1], s[0], s[1]);
+      return;
+    }
+    for (int h = 0; h < 2; ++h) s[h] = any_spatial_[h] ? vec_sigmoid(z(h)) : constant_[h];
+  }
+
+ private:
+  V beta_[2], constant_[2];
+  bool any_spatial_[2] = {true, true};
+  bool packed_ = false;
+  LanePacker<V> packer_;
 };
 
 template <typename T>
@@ -452,8 +519,7 @@ void forward_channels_last(const ForwardArgs<T>& p) {
           }
         }
       }
-      TaskLanes<A> mean{}, alpha{}, beta{};
-      bool spatial[2][kMaxVectorsPerHalf] = {};
+      LaneGates<A> lanes[2][kMaxVectorsPerHalf];
       for (int h = 0; h < 2; ++h) {
         for (int64_t v = 0; v < blk.vectors; ++v) {
           A k[N], a1[N], a2[N];
@@ -465,32 +531,25 @@ void forward_channels_last(const ForwardArgs<T>& p) {
             const auto mom = plane_math::moments_from_shifted_sums(k[l], a1[l], a2[l], n, p.eps);
             p.mean[b * g.channels + c] = mom.mean;
             p.rstd[b * g.channels + c] = mom.rstd;
-            const auto gate = plane_math::plane_gate<A>(p.params, c, mom.mean, mom.rstd);
-            mean.v[h][v][l] = mom.mean;
-            alpha.v[h][v][l] = gate.alpha;
-            beta.v[h][v][l] = gate.beta;
-            spatial[h][v] = spatial[h][v] || gate.spatial;
+            lanes[h][v].set(l, p.params, c, mom.mean, mom.rstd);
           }
         }
       }
 
       // Output: gate each pair and store it interleaved at channels 2j, 2j + 1.
-      VectorGate<V> gates[2][kMaxVectorsPerHalf];
-      for (int h = 0; h < 2; ++h) {
-        for (int64_t v = 0; v < blk.vectors; ++v) {
-          gates[h][v] = VectorGate<V>(mean.v[h][v], alpha.v[h][v], beta.v[h][v], spatial[h][v]);
-        }
-      }
+      PairGates<V> gates[kMaxVectorsPerHalf];
+      for (int64_t v = 0; v < blk.vectors; ++v) gates[v] = PairGates<V>(lanes[0][v], lanes[1][v]);
       for (int64_t pos = 0; pos < n; ++pos) {
         const T* row = x + pos * g.channels;
         T* orow = out + pos * g.channels + 2 * blk.j0;
         for (int64_t v = 0; v < blk.vectors; ++v) {
-          V y[2];
+          V xv[2], xc[2], s[2];
           for (int h = 0; h < 2; ++h) {
-            const V xv = load_count(row + first[h] + v * N, blk.counts[v]);
-            y[h] = xv * gates[h][v].gate(xv - gates[h][v].mean);
+            xv[h] = load_count(row + first[h] + v * N, blk.counts[v]);
+            xc[h] = xv[h] - gates[v].mean[h];
           }
-          store_pairs<T>(orow + 2 * v * N, y[0], y[1], blk.counts[v]);
+          gates[v].gates(xc, s);
+          store_pairs<T>(orow + 2 * v * N, xv[0] * s[0], xv[1] * s[1], blk.counts[v]);
         }
       }
     }
@@ -533,33 +592,35 @@ void backward_planes(const BackwardArgs<T>& p) {
   const int64_t n = g.hw();
   const int64_t per_block = planes_per_block(n, sizeof(T));
   parallel_over_blocks(g, per_block, [&](int64_t begin, int64_t end) {
+    const PlaneAccess<T> xa(p.xs, g), dya(p.gs, g), dxa(p.ds, g);
     std::vector<A> scratch(per_block * n);
     std::vector<T> x_rows, dy_rows, dx_rows;  // for planes that are not contiguous runs
-    if (!planes_contiguous(p.xs, g)) x_rows.resize(per_block * n);
-    if (!planes_contiguous(p.gs, g)) dy_rows.resize(per_block * n);
-    if (!planes_contiguous(p.ds, g)) dx_rows.resize(per_block * n);
+    if (!xa.in_place()) x_rows.resize(per_block * n);
+    if (!dya.in_place()) dy_rows.resize(per_block * n);
+    if (!dxa.in_place()) dx_rows.resize(per_block * n);
     const T* x[kMaxBlockPlanes];
     const T* dy[kMaxBlockPlanes];
     Gate<A> gate[kMaxBlockPlanes];
     std::pair<A, A> sums[kMaxBlockPlanes];
     for (int64_t first = begin; first < end; first += per_block) {
       const int64_t count = std::min(per_block, end - first);
+      const BlockPlanes where(first, count, g.channels);
       for (int64_t k = 0; k < count; ++k) {
-        const int64_t q = first + k, b = q / g.channels, c = q % g.channels;
+        const int64_t q = first + k, b = where.b[k], c = where.c[k];
         const int64_t o = plane_math::output_channel(c, g.channels);
-        x[k] = plane_for_reading(p.x + b * p.xs.b + c * p.xs.c, p.xs, g, x_rows.data() + k * n);
-        dy[k] = plane_for_reading(p.grad_out + b * p.gs.b + o * p.gs.c, p.gs, g, dy_rows.data() + k * n);
+        x[k] = xa.read(p.x + b * p.xs.b + c * p.xs.c, x_rows.data() + k * n);
+        dy[k] = dya.read(p.grad_out + b * p.gs.b + o * p.gs.c, dy_rows.data() + k * n);
         gate[k] = plane_math::plane_gate<A>(p.params, c, p.mean[q], p.rstd[q]);
         sums[k] = backward_plane_sums(x[k], dy[k], n, p.mean[q], p.rstd[q], gate[k], scratch.data() + k * n);
       }
       for (int64_t k = 0; k < count; ++k) {
-        const int64_t q = first + k, b = q / g.channels, c = q % g.channels;
+        const int64_t q = first + k;
         const auto coef = plane_math::grad_coefficients(p.params, gate[k], p.rstd[q], sums[k].first, sums[k].second, n);
         plane_math::plane_partials(p.partials + 2 * q, gate[k].spatial, sums[k].first, sums[k].second, p.mean[q]);
-        T* dx_plane = p.dx + b * p.ds.b + c * p.ds.c;
-        T* dx = plane_for_writing(dx_plane, p.ds, g, dx_rows.data() + k * n);
+        T* dx_plane = p.dx + where.b[k] * p.ds.b + where.c[k] * p.ds.c;
+        T* dx = dxa.target(dx_plane, dx_rows.data() + k * n);
         backward_plane_dx(x[k], dy[k], dx, n, p.mean[q], gate[k], coef, scratch.data() + k * n);
-        finish_writing(dx_plane, p.ds, g, dx);
+        dxa.finish(dx_plane, dx);
       }
     }
   });
@@ -587,21 +648,16 @@ void backward_channels_last(const BackwardArgs<T>& p) {
       T* dx = p.dx + b * p.ds.b;
       const int64_t first[2] = {blk.j0, half_c + blk.j0};
 
-      VectorGate<V> gates[2][kMaxVectorsPerHalf];
-      for (int h = 0; h < 2; ++h) {
-        for (int64_t v = 0; v < blk.vectors; ++v) {
-          A m[N] = {}, a[N] = {}, bb[N] = {};
-          bool any_spatial = false;
+      PairGates<V> gates[kMaxVectorsPerHalf];
+      for (int64_t v = 0; v < blk.vectors; ++v) {
+        LaneGates<A> lanes[2];
+        for (int h = 0; h < 2; ++h) {
           for (int64_t l = 0; l < blk.counts[v]; ++l) {
-            const int64_t q = b * g.channels + first[h] + v * N + l;
-            const auto gate = plane_math::plane_gate<A>(p.params, q % g.channels, p.mean[q], p.rstd[q]);
-            m[l] = p.mean[q];
-            a[l] = gate.alpha;
-            bb[l] = gate.beta;
-            any_spatial = any_spatial || gate.spatial;
+            const int64_t c = first[h] + v * N + l, q = b * g.channels + c;
+            lanes[h].set(l, p.params, c, p.mean[q], p.rstd[q]);
           }
-          gates[h][v] = VectorGate<V>(m, a, bb, any_spatial);
         }
+        gates[v] = PairGates<V>(lanes[0], lanes[1]);
       }
 
       // The upstream gradient of pair j sits interleaved at output channels 2j, 2j + 1.
@@ -615,6 +671,14 @@ void backward_channels_last(const BackwardArgs<T>& p) {
         out[1] = std::get<1>(d);
       };
 
+      // x of vector v of both halves at one position, and x - mean.
+      auto load_centred = [&](const T* row, int64_t v, V (&xv)[2], V (&xc)[2]) {
+        for (int h = 0; h < 2; ++h) {
+          xv[h] = load_count(row + first[h] + v * N, blk.counts[v]);
+          xc[h] = xv[h] - gates[v].mean[h];
+        }
+      };
+
       // Pass 1: plane sums S1 = sum(dt) and sum(dt * (x - mean)) per channel lane.
       V acc1[2][kMaxVectorsPerHalf], acc2[2][kMaxVectorsPerHalf];
       for (int h = 0; h < 2; ++h) {
@@ -623,15 +687,14 @@ void backward_channels_last(const BackwardArgs<T>& p) {
       for (int64_t pos = 0; pos < n; ++pos) {
         const T* row = x + pos * g.channels;
         for (int64_t v = 0; v < blk.vectors; ++v) {
-          V d[2];
+          V d[2], xv[2], xc[2], s[2];
           load_dy(dy + pos * g.channels, v, d);
+          load_centred(row, v, xv, xc);
+          gates[v].gates(xc, s);
           for (int h = 0; h < 2; ++h) {
-            const V xv = load_count(row + first[h] + v * N, blk.counts[v]);
-            const V xc = xv - gates[h][v].mean;
-            const V s = gates[h][v].gate(xc);
-            const V dt = d[h] * xv * s * (one - s);
+            const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
             acc1[h][v] += dt;
-            acc2[h][v] = at::vec::fmadd(dt, xc, acc2[h][v]);
+            acc2[h][v] = at::vec::fmadd(dt, xc[h], acc2[h][v]);
           }
         }
       }
@@ -662,14 +725,13 @@ void backward_channels_last(const BackwardArgs<T>& p) {
         const T* row = x + pos * g.channels;
         T* drow = dx + pos * g.channels;
         for (int64_t v = 0; v < blk.vectors; ++v) {
-          V d[2];
+          V d[2], xv[2], xc[2], s[2];
           load_dy(dy + pos * g.channels, v, d);
+          load_centred(row, v, xv, xc);
+          gates[v].gates(xc, s);
           for (int h = 0; h < 2; ++h) {
-            const V xv = load_count(row + first[h] + v * N, blk.counts[v]);
-            const V xc = xv - gates[h][v].mean;
-            const V s = gates[h][v].gate(xc);
-            const V dt = d[h] * xv * s * (one - s);
-            const V r = at::vec::fmadd(d[h], s, at::vec::fmadd(gates[h][v].alpha, dt, at::vec::fmadd(vk1[h][v], xc, vk0[h][v])));
+            const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
+            const V r = at::vec::fmadd(d[h], s[h], at::vec::fmadd(gates[v].alpha[h], dt, at::vec::fmadd(vk1[h][v], xc[h], vk0[h][v])));
             Lanes<T>::store(drow + first[h] + v * N, r, blk.counts[v]);
           }
         }
