@@ -67,11 +67,15 @@ def native_extensions():
     if chosen:
         capabilities = [isa for isa in capabilities if isa in {c.strip().lower() for c in chosen.split(",")}]
         _note(f"SA_KERNELS_CPU_CAPABILITIES={chosen}: building the CPU kernels for {capabilities or 'none'}")
+    # at::parallel_for is OpenMP code in torch's headers: without -fopenmp it runs on one thread.
+    # The OpenMP runtime is the one torch already loaded (libgomp.so.1 in torch/lib, same soname).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     for isa in capabilities:
         macros = [f"-DCPU_CAPABILITY={isa.upper()}", f"-DCPU_CAPABILITY_{isa.upper()}"]
         extensions.append(CppExtension(
             f"sa_kernels._cpu_{isa}", [f"{CSRC}/torch_ops/cpu_module_{isa}.cpp"], include_dirs=include_dirs,
-            extra_compile_args={"cxx": CXX_FLAGS + macros + CPU_CAPABILITIES[isa]}))
+            extra_compile_args={"cxx": CXX_FLAGS + macros + CPU_CAPABILITIES[isa] + openmp},
+            extra_link_args=openmp))
 
     if os.environ.get("SA_KERNELS_SKIP_CUDA_BUILD", "").strip() == "1":
         _note("SA_KERNELS_SKIP_CUDA_BUILD=1: not building the CUDA kernels")
@@ -100,6 +104,9 @@ def _optional_build(base):
                 self.extensions = []
                 return
             self._failed = set()
+            # One at a time: torch's ninja builds share one build.ninja in build_temp, so
+            # `build_ext -j` would have the modules overwrite each other's build files.
+            self.parallel = None
             super().build_extensions()
             # Later steps (copying, the editable wheel) only see what was built.
             self.extensions = [ext for ext in self.extensions if ext.name not in self._failed]
