@@ -21,9 +21,9 @@
 #include <cstdint>
 
 #if defined(__CUDACC__)
-#define SA_HOST_DEVICE __host__ __device__
+#define SA_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define SA_HOST_DEVICE
+#define SA_HOST_DEVICE inline
 #endif
 
 namespace sa_kernels {
@@ -31,7 +31,7 @@ namespace plane_math {
 
 // Input channel c = i * C/2 + j goes to output channel 2 * j + i (0 <= c < C; written
 // without dividing by C/2: a division per plane costs as much as a small plane's arithmetic).
-SA_HOST_DEVICE inline int64_t output_channel(int64_t c, int64_t channels) {
+SA_HOST_DEVICE int64_t output_channel(int64_t c, int64_t channels) {
   const int64_t half_c = channels / 2;
   return c < half_c ? 2 * c : 2 * (c - half_c) + 1;
 }
@@ -57,8 +57,14 @@ struct Gate {
 };
 
 template <typename A>
-SA_HOST_DEVICE inline Gate<A> plane_gate(const Params<A>& g, int64_t c, A mean, A rstd) {
+SA_HOST_DEVICE Gate<A> plane_gate(const Params<A>& g, int64_t c, A mean, A rstd) {
+#if defined(__CUDA_ARCH__)
+  // 32-bit on the device, where a 64-bit division is a slow call (the CUDA binding checks
+  // that C fits in 32 bits).
+  const int64_t k = int(c) % int(2 * g.half);
+#else
   const int64_t k = c % (2 * g.half);
+#endif
   Gate<A> r;
   if (k < g.half) {
     r.spatial = false;
@@ -75,7 +81,7 @@ SA_HOST_DEVICE inline Gate<A> plane_gate(const Params<A>& g, int64_t c, A mean, 
 }
 
 template <typename A>
-SA_HOST_DEVICE inline A sigmoid(A z) {
+SA_HOST_DEVICE A sigmoid(A z) {
   using std::exp;  // float and double overloads on the host; CUDA's own on the device
   return A(1) / (A(1) + exp(-z));
 }
@@ -89,7 +95,7 @@ struct Moments {
 };
 
 template <typename A>
-SA_HOST_DEVICE inline Moments<A> moments_from_shifted_sums(A shift, A sum1, A sum2, int64_t n,
+SA_HOST_DEVICE Moments<A> moments_from_shifted_sums(A shift, A sum1, A sum2, int64_t n,
                                                            double eps) {
   const A d = sum1 / A(n);
   A var = sum2 / A(n) - d * d;
@@ -104,11 +110,10 @@ struct GradCoefficients {
   A k0, k1;
 };
 
+// inv_n = 1 / N, N the plane's element count.
 template <typename A>
-SA_HOST_DEVICE inline GradCoefficients<A> grad_coefficients(const Params<A>& g,
-                                                            const Gate<A>& gate, A rstd, A s1,
-                                                            A s2, int64_t n) {
-  const A inv_n = A(1) / A(n);
+SA_HOST_DEVICE GradCoefficients<A> grad_coefficients(const Params<A>& g, const Gate<A>& gate,
+                                                     A rstd, A s1, A s2, A inv_n) {
   if (!gate.spatial) return {g.cweight[gate.param] * s1 * inv_n, A(0)};
   return {-gate.alpha * s1 * inv_n, -gate.alpha * rstd * s2 * inv_n};
 }
@@ -116,7 +121,7 @@ SA_HOST_DEVICE inline GradCoefficients<A> grad_coefficients(const Params<A>& g,
 // The two numbers per plane that the parameter gradients sum over (batch, group):
 // S1 and, for channel planes S1 * mean, for spatial planes S2.
 template <typename A>
-SA_HOST_DEVICE inline void plane_partials(A* out2, bool spatial, A s1, A s2, A mean) {
+SA_HOST_DEVICE void plane_partials(A* out2, bool spatial, A s1, A s2, A mean) {
   out2[0] = s1;
   out2[1] = spatial ? s2 : s1 * mean;
 }
@@ -125,7 +130,7 @@ SA_HOST_DEVICE inline void plane_partials(A* out2, bool spatial, A s1, A s2, A m
 // over batch then group in that fixed order. Outputs in the order cweight, cbias,
 // sweight, sbias, gn_weight, gn_bias.
 template <typename A>
-SA_HOST_DEVICE inline void parameter_gradients(const Params<A>& g, const A* partials,
+SA_HOST_DEVICE void parameter_gradients(const Params<A>& g, const A* partials,
                                                int64_t batch, int64_t channels, int64_t p,
                                                A (&grads)[6]) {
   const int64_t groups = channels / (2 * g.half);

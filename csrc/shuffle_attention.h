@@ -18,6 +18,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "plane_math.h"
+
 namespace sa_kernels {
 
 // Statistics, partial sums and parameters: float64 for double x, float32 otherwise.
@@ -34,17 +36,10 @@ struct Strides4 {
   int64_t b, c, h, w;
 };
 
-// The six per-channel parameters, `half` contiguous values each, in the accumulation type.
+// The six per-channel parameters, `half` contiguous values each, in the accumulation type
+// (the per-plane maths of plane_math.h, shared with the CPU kernels).
 template <typename Acc>
-struct GateParams {
-  const Acc* cweight;
-  const Acc* cbias;
-  const Acc* sweight;
-  const Acc* sbias;
-  const Acc* gn_weight;
-  const Acc* gn_bias;
-  int64_t half;
-};
+using GateParams = plane_math::Params<Acc>;
 
 template <typename T>
 struct ForwardParams {

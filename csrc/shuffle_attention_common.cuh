@@ -338,33 +338,13 @@ struct PlaneIO {
   }
 };
 
-// The gate of one plane, out = x * sigmoid(alpha * (x - mean) + beta), and where its
-// parameters live.
+// The gate of one plane, out = x * sigmoid(alpha * (x - mean) + beta), where its parameters
+// live, and dx's plane coefficients: csrc/plane_math.h, shared with the CPU kernels.
 template <typename Acc>
-struct PlaneGate {
-  Acc alpha, beta;
-  bool spatial;    // spatial-branch plane (else channel branch)
-  int64_t param;   // index into the six parameter arrays
-};
-
-template <typename Acc>
-__device__ __forceinline__ PlaneGate<Acc> plane_gate(const GateParams<Acc>& g, int64_t c,
-                                                     Acc mean, Acc rstd) {
-  const int k = int(c) % int(2 * g.half);  // 32-bit: see output_channel
-  PlaneGate<Acc> r;
-  if (k < g.half) {
-    r.spatial = false;
-    r.param = k;
-    r.alpha = Acc(0);
-    r.beta = g.cweight[k] * mean + g.cbias[k];
-  } else {
-    r.spatial = true;
-    r.param = k - g.half;
-    r.alpha = g.sweight[r.param] * g.gn_weight[r.param] * rstd;
-    r.beta = g.sweight[r.param] * g.gn_bias[r.param] + g.sbias[r.param];
-  }
-  return r;
-}
+using PlaneGate = plane_math::Gate<Acc>;
+using plane_math::GradCoefficients;
+using plane_math::grad_coefficients;
+using plane_math::plane_gate;
 
 template <typename T, typename Acc>
 __device__ __forceinline__ T gated(Acc x, Acc mean, const PlaneGate<Acc>& g) {
@@ -388,28 +368,12 @@ __device__ __forceinline__ ElementGrad<Acc> element_grad(Acc x, Acc dy, Acc mean
   return r;
 }
 
-// dx = dy * s + alpha * dt + k0 + k1 * (x - mean), with dt = dy * x * s * (1 - s) and,
-// from the plane sums S1 = sum(dt), S2 = sum(dt * xhat) over N elements:
-// channel planes k0 = cweight * S1 / N, k1 = 0 (alpha = 0);
-// spatial planes k0 = -alpha * S1 / N, k1 = -alpha * rstd * S2 / N.
-template <typename Acc>
-struct GradCoefficients {
-  Acc k0, k1;
-};
-
+// dx = dy * s + alpha * dt + k0 + k1 * (x - mean), with dt = dy * x * s * (1 - s) and k0,
+// k1 from the plane sums (plane_math::grad_coefficients).
 template <typename T, typename Acc>
 __device__ __forceinline__ T grad_x(Acc dy, const ElementGrad<Acc>& e, const PlaneGate<Acc>& g,
                                     const GradCoefficients<Acc>& k) {
   return from_acc<T>(dy * e.s + g.alpha * e.dt + k.k0 + k.k1 * e.xc);
-}
-
-template <typename Acc>
-__device__ __forceinline__ GradCoefficients<Acc> grad_coefficients(const GateParams<Acc>& g,
-                                                                   const PlaneGate<Acc>& gate,
-                                                                   Acc rstd, Acc s1, Acc s2,
-                                                                   Acc inv_n) {
-  if (!gate.spatial) return {g.cweight[gate.param] * s1 * inv_n, Acc(0)};
-  return {-gate.alpha * s1 * inv_n, -gate.alpha * rstd * s2 * inv_n};
 }
 
 // Where plane (b, c) keeps its two partial sums in the backward's workspace, laid out

@@ -1,4 +1,6 @@
 """Test helpers shared by every backend's tests: random modules, the float64 reference, tolerances."""
+import socket
+
 import torch
 
 import sa_kernels
@@ -120,3 +122,14 @@ def _float64_copy(module):
     ref64.load_state_dict({k: v.to(torch.float64) for k, v in module.state_dict().items()})
     ref64.gn.eps = module.gn.eps
     return ref64
+
+
+def gloo_on_loopback(environ):
+    """Point gloo at the loopback interface; without it gloo uses the address the hostname
+    resolves to, which on some machines is unreachable and a rendezvous waits forever.
+    ``environ`` is os.environ in a worker, or pytest's monkeypatch (restored after the test)."""
+    names = [name for _, name in socket.if_nameindex()]
+    interface = next((n for n in ("lo", "lo0") if n in names), None)
+    if interface:
+        setter = getattr(environ, "setenv", None) or environ.__setitem__
+        setter("GLOO_SOCKET_IFNAME", interface)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sa_kernels
-from helpers import random_reference
+from helpers import gloo_on_loopback, random_reference
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="this torch build has no distributed gloo backend")
@@ -44,16 +44,8 @@ def train_step(model, x, y, lr=0.1):
     return grads
 
 
-def _loopback_interface():
-    names = [name for _, name in socket.if_nameindex()]
-    return next((n for n in ("lo", "lo0") if n in names), None)
-
-
 def _worker(rank, port, workdir):
-    # Keep gloo on the loopback interface (it otherwise picks the address the hostname resolves to).
-    interface = _loopback_interface()
-    if interface:
-        os.environ["GLOO_SOCKET_IFNAME"] = interface
+    gloo_on_loopback(os.environ)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD_SIZE, timeout=COLLECTIVE_TIMEOUT)

@@ -17,7 +17,7 @@ from torch.nn import Parameter
 
 from sa_kernels import FuseError, FusedShuffleAttention, ShuffleAttention, fuse_model
 from sa_kernels.models import sa_resnet50
-from helpers import PARAM_GRAD_RTOL, TOLERANCES, assert_rel_close, random_input, random_reference
+from helpers import PARAM_GRAD_RTOL, gloo_on_loopback, TOLERANCES, assert_rel_close, random_input, random_reference
 
 
 def shuffle_attention(x, groups, cweight, cbias, sweight, sbias, gn):
@@ -529,9 +529,10 @@ def test_inside_data_parallel():
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo backend")
-def test_inside_distributed_data_parallel_the_reducer_keeps_its_parameters():
+def test_inside_distributed_data_parallel_the_reducer_keeps_its_parameters(monkeypatch):
     # One process, world size 1, on loopback. DDP's reducer tracks the Parameter objects it was built
     # with: had the swap replaced any, they would get no gradient and the second backward would fail.
+    gloo_on_loopback(monkeypatch)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

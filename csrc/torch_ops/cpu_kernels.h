@@ -615,7 +615,7 @@ void backward_planes(const BackwardArgs<T>& p) {
       }
       for (int64_t k = 0; k < count; ++k) {
         const int64_t q = first + k;
-        const auto coef = plane_math::grad_coefficients(p.params, gate[k], p.rstd[q], sums[k].first, sums[k].second, n);
+        const auto coef = plane_math::grad_coefficients(p.params, gate[k], p.rstd[q], sums[k].first, sums[k].second, A(1) / A(n));
         plane_math::plane_partials(p.partials + 2 * q, gate[k].spatial, sums[k].first, sums[k].second, p.mean[q]);
         T* dx_plane = p.dx + where.b[k] * p.ds.b + where.c[k] * p.ds.c;
         T* dx = dxa.target(dx_plane, dx_rows.data() + k * n);
@@ -710,7 +710,7 @@ void backward_channels_last(const BackwardArgs<T>& p) {
             const A rstd = p.rstd[q];
             const A s2 = a2[l] * rstd;
             const auto gate = plane_math::plane_gate<A>(p.params, c, p.mean[q], rstd);
-            const auto coef = plane_math::grad_coefficients(p.params, gate, rstd, a1[l], s2, n);
+            const auto coef = plane_math::grad_coefficients(p.params, gate, rstd, a1[l], s2, A(1) / A(n));
             plane_math::plane_partials(p.partials + 2 * q, gate.spatial, a1[l], s2, p.mean[q]);
             k0[l] = coef.k0;
             k1[l] = coef.k1;
