@@ -1,4 +1,5 @@
 """Test helpers shared by every backend's tests: random modules, the float64 reference, tolerances."""
+import os
 import socket
 
 import torch
@@ -124,12 +125,10 @@ def _float64_copy(module):
     return ref64
 
 
-def gloo_on_loopback(environ):
-    """Point gloo at the loopback interface; without it gloo uses the address the hostname
-    resolves to, which on some machines is unreachable and a rendezvous waits forever.
-    ``environ`` is os.environ in a worker, or pytest's monkeypatch (restored after the test)."""
+def gloo_on_loopback():
+    """Point gloo at the loopback interface (in a worker process): without it gloo uses the
+    address the hostname resolves to, which on some machines is unreachable."""
     names = [name for _, name in socket.if_nameindex()]
     interface = next((n for n in ("lo", "lo0") if n in names), None)
     if interface:
-        setter = getattr(environ, "setenv", None) or environ.__setitem__
-        setter("GLOO_SOCKET_IFNAME", interface)
+        os.environ["GLOO_SOCKET_IFNAME"] = interface

@@ -45,7 +45,7 @@ def train_step(model, x, y, lr=0.1):
 
 
 def _worker(rank, port, workdir):
-    gloo_on_loopback(os.environ)
+    gloo_on_loopback()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD_SIZE, timeout=COLLECTIVE_TIMEOUT)

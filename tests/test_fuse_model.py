@@ -4,10 +4,13 @@ copies (SA-Net's own ``sa_layer``, External-Attention-pytorch's ``ShuffleAttenti
 parameters), plus look-alikes that compute something else."""
 import copy
 import datetime
+import faulthandler
 import io
 import logging
+import os
 import re
-import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -528,15 +531,16 @@ def test_inside_data_parallel():
     assert_same_function(wrapped, original_copy, params, list(original_copy.parameters()))
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo backend")
-def test_inside_distributed_data_parallel_the_reducer_keeps_its_parameters(monkeypatch):
-    # One process, world size 1, on loopback. DDP's reducer tracks the Parameter objects it was built
-    # with: had the swap replaced any, they would get no gradient and the second backward would fail.
-    gloo_on_loopback(monkeypatch)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+DDP_DEADLINE_S = 180  # a child that imports torch and runs two steps; a hang fails the test
+
+
+def ddp_reducer_check(store_path):
+    """The DDP test's body, run in a child process: one process, world size 1. DDP's reducer
+    tracks the Parameter objects it was built with: had the swap replaced any, they would get
+    no gradient and the second backward would fail."""
+    faulthandler.dump_traceback_later(DDP_DEADLINE_S - 30, exit=True)  # a hang shows its stack
+    gloo_on_loopback()
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))
     try:
         model = host(RenamedSA(32, 4), dtype=torch.float32)
@@ -554,6 +558,22 @@ def test_inside_distributed_data_parallel_the_reducer_keeps_its_parameters(monke
         assert list(ddp.state_dict()) == ["module." + k for k in original_copy.state_dict()]
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo backend")
+def test_inside_distributed_data_parallel_the_reducer_keeps_its_parameters(tmp_path):
+    # In a child process under a deadline: run in the suite's own process, this test once stalled
+    # a CI run for an hour (gloo then took the address the hostname resolves to; it is kept on
+    # loopback now). A child can be stopped; the suite goes on and the failure names the cause.
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    code = f"import test_fuse_model as t; t.ddp_reducer_check({str(tmp_path / 'store')!r})"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=DDP_DEADLINE_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"DDP child still running after {DDP_DEADLINE_S} s:\n{e.stdout}\n{e.stderr}")
+    assert done.returncode == 0, f"DDP child failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
 
 
 def official_sa_resnet50(seed=0):

@@ -481,6 +481,21 @@ class PairGates {
   LanePacker<V> packer_;
 };
 
+// Runs body(b, blk) for each channels-last task, a batch index and a block of pairs, in
+// parallel; a task owns its pairs' statistics whole, so no merge across threads is needed.
+template <typename T, typename Body>
+void parallel_over_pair_blocks(const Geometry& g, const Body& body) {
+  const int64_t half_c = g.channels / 2;
+  const ChannelsLastSplit split = channels_last_split<T>(g);
+  const int64_t tasks = g.batch * split.tasks_per_image;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (g.hw() * 2 * split.pairs_per_task));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      body(t / split.tasks_per_image, pair_block<T>(t % split.tasks_per_image, split, half_c));
+    }
+  });
+}
+
 template <typename T>
 void forward_channels_last(const ForwardArgs<T>& p) {
   using L = Lanes<T>;
@@ -490,67 +505,60 @@ void forward_channels_last(const ForwardArgs<T>& p) {
   const Geometry& g = p.geo;
   const int64_t half_c = g.channels / 2;
   const int64_t n = g.hw();
-  const ChannelsLastSplit split = channels_last_split<T>(g);
-  const int64_t tasks = g.batch * split.tasks_per_image;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / (n * 2 * split.pairs_per_task));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / split.tasks_per_image;
-      const PairBlock blk = pair_block<T>(t % split.tasks_per_image, split, half_c);
-      const T* x = p.x + b * p.xs.b;
-      T* out = p.out + b * p.os.b;
-      const int64_t first[2] = {blk.j0, half_c + blk.j0};  // first input channel per half
+  parallel_over_pair_blocks<T>(g, [&](int64_t b, const PairBlock& blk) {
+    const T* x = p.x + b * p.xs.b;
+    T* out = p.out + b * p.os.b;
+    const int64_t first[2] = {blk.j0, half_c + blk.j0};  // first input channel per half
 
-      // Statistics: shifted sums per channel lane, positions in order.
-      V shift[2][kMaxVectorsPerHalf], s1[2][kMaxVectorsPerHalf], s2[2][kMaxVectorsPerHalf];
+    // Statistics: shifted sums per channel lane, positions in order.
+    V shift[2][kMaxVectorsPerHalf], s1[2][kMaxVectorsPerHalf], s2[2][kMaxVectorsPerHalf];
+    for (int h = 0; h < 2; ++h) {
+      for (int64_t v = 0; v < blk.vectors; ++v) {
+        shift[h][v] = load_count(x + first[h] + v * N, blk.counts[v]);
+        s1[h][v] = s2[h][v] = V(A(0));
+      }
+    }
+    for (int64_t pos = 0; pos < n; ++pos) {
+      const T* row = x + pos * g.channels;
       for (int h = 0; h < 2; ++h) {
         for (int64_t v = 0; v < blk.vectors; ++v) {
-          shift[h][v] = load_count(x + first[h] + v * N, blk.counts[v]);
-          s1[h][v] = s2[h][v] = V(A(0));
+          const V d = load_count(row + first[h] + v * N, blk.counts[v]) - shift[h][v];
+          s1[h][v] += d;
+          s2[h][v] = at::vec::fmadd(d, d, s2[h][v]);
         }
       }
-      for (int64_t pos = 0; pos < n; ++pos) {
-        const T* row = x + pos * g.channels;
+    }
+    LaneGates<A> lanes[2][kMaxVectorsPerHalf];
+    for (int h = 0; h < 2; ++h) {
+      for (int64_t v = 0; v < blk.vectors; ++v) {
+        A k[N], a1[N], a2[N];
+        shift[h][v].store(k);
+        s1[h][v].store(a1);
+        s2[h][v].store(a2);
+        for (int64_t l = 0; l < blk.counts[v]; ++l) {
+          const int64_t c = first[h] + v * N + l;
+          const auto mom = plane_math::moments_from_shifted_sums(k[l], a1[l], a2[l], n, p.eps);
+          p.mean[b * g.channels + c] = mom.mean;
+          p.rstd[b * g.channels + c] = mom.rstd;
+          lanes[h][v].set(l, p.params, c, mom.mean, mom.rstd);
+        }
+      }
+    }
+
+    // Output: gate each pair and store it interleaved at channels 2j, 2j + 1.
+    PairGates<V> gates[kMaxVectorsPerHalf];
+    for (int64_t v = 0; v < blk.vectors; ++v) gates[v] = PairGates<V>(lanes[0][v], lanes[1][v]);
+    for (int64_t pos = 0; pos < n; ++pos) {
+      const T* row = x + pos * g.channels;
+      T* orow = out + pos * g.channels + 2 * blk.j0;
+      for (int64_t v = 0; v < blk.vectors; ++v) {
+        V xv[2], xc[2], s[2];
         for (int h = 0; h < 2; ++h) {
-          for (int64_t v = 0; v < blk.vectors; ++v) {
-            const V d = load_count(row + first[h] + v * N, blk.counts[v]) - shift[h][v];
-            s1[h][v] += d;
-            s2[h][v] = at::vec::fmadd(d, d, s2[h][v]);
-          }
+          xv[h] = load_count(row + first[h] + v * N, blk.counts[v]);
+          xc[h] = xv[h] - gates[v].mean[h];
         }
-      }
-      LaneGates<A> lanes[2][kMaxVectorsPerHalf];
-      for (int h = 0; h < 2; ++h) {
-        for (int64_t v = 0; v < blk.vectors; ++v) {
-          A k[N], a1[N], a2[N];
-          shift[h][v].store(k);
-          s1[h][v].store(a1);
-          s2[h][v].store(a2);
-          for (int64_t l = 0; l < blk.counts[v]; ++l) {
-            const int64_t c = first[h] + v * N + l;
-            const auto mom = plane_math::moments_from_shifted_sums(k[l], a1[l], a2[l], n, p.eps);
-            p.mean[b * g.channels + c] = mom.mean;
-            p.rstd[b * g.channels + c] = mom.rstd;
-            lanes[h][v].set(l, p.params, c, mom.mean, mom.rstd);
-          }
-        }
-      }
-
-      // Output: gate each pair and store it interleaved at channels 2j, 2j + 1.
-      PairGates<V> gates[kMaxVectorsPerHalf];
-      for (int64_t v = 0; v < blk.vectors; ++v) gates[v] = PairGates<V>(lanes[0][v], lanes[1][v]);
-      for (int64_t pos = 0; pos < n; ++pos) {
-        const T* row = x + pos * g.channels;
-        T* orow = out + pos * g.channels + 2 * blk.j0;
-        for (int64_t v = 0; v < blk.vectors; ++v) {
-          V xv[2], xc[2], s[2];
-          for (int h = 0; h < 2; ++h) {
-            xv[h] = load_count(row + first[h] + v * N, blk.counts[v]);
-            xc[h] = xv[h] - gates[v].mean[h];
-          }
-          gates[v].gates(xc, s);
-          store_pairs<T>(orow + 2 * v * N, xv[0] * s[0], xv[1] * s[1], blk.counts[v]);
-        }
+        gates[v].gates(xc, s);
+        store_pairs<T>(orow + 2 * v * N, xv[0] * s[0], xv[1] * s[1], blk.counts[v]);
       }
     }
   });
@@ -635,105 +643,98 @@ void backward_channels_last(const BackwardArgs<T>& p) {
   const Geometry& g = p.geo;
   const int64_t half_c = g.channels / 2;
   const int64_t n = g.hw();
-  const ChannelsLastSplit split = channels_last_split<T>(g);
-  const int64_t tasks = g.batch * split.tasks_per_image;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / (n * 2 * split.pairs_per_task));
   const V one(A(1));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / split.tasks_per_image;
-      const PairBlock blk = pair_block<T>(t % split.tasks_per_image, split, half_c);
-      const T* x = p.x + b * p.xs.b;
-      const T* dy = p.grad_out + b * p.gs.b;
-      T* dx = p.dx + b * p.ds.b;
-      const int64_t first[2] = {blk.j0, half_c + blk.j0};
+  parallel_over_pair_blocks<T>(g, [&](int64_t b, const PairBlock& blk) {
+    const T* x = p.x + b * p.xs.b;
+    const T* dy = p.grad_out + b * p.gs.b;
+    T* dx = p.dx + b * p.ds.b;
+    const int64_t first[2] = {blk.j0, half_c + blk.j0};
 
-      PairGates<V> gates[kMaxVectorsPerHalf];
+    PairGates<V> gates[kMaxVectorsPerHalf];
+    for (int64_t v = 0; v < blk.vectors; ++v) {
+      LaneGates<A> lanes[2];
+      for (int h = 0; h < 2; ++h) {
+        for (int64_t l = 0; l < blk.counts[v]; ++l) {
+          const int64_t c = first[h] + v * N + l, q = b * g.channels + c;
+          lanes[h].set(l, p.params, c, p.mean[q], p.rstd[q]);
+        }
+      }
+      gates[v] = PairGates<V>(lanes[0], lanes[1]);
+    }
+
+    // The upstream gradient of pair j sits interleaved at output channels 2j, 2j + 1.
+    auto load_dy = [&](const T* row, int64_t v, V (&out)[2]) {
+      const T* src = row + 2 * (blk.j0 + v * N);
+      const int64_t count = 2 * blk.counts[v];
+      const V lo = load_count(src, std::min(N, count));
+      const V hi = count > N ? load_count(src + N, count - N) : V(A(0));
+      const auto d = at::vec::deinterleave2(lo, hi);
+      out[0] = std::get<0>(d);
+      out[1] = std::get<1>(d);
+    };
+
+    // x of vector v of both halves at one position, and x - mean.
+    auto load_centred = [&](const T* row, int64_t v, V (&xv)[2], V (&xc)[2]) {
+      for (int h = 0; h < 2; ++h) {
+        xv[h] = load_count(row + first[h] + v * N, blk.counts[v]);
+        xc[h] = xv[h] - gates[v].mean[h];
+      }
+    };
+
+    // Pass 1: plane sums S1 = sum(dt) and sum(dt * (x - mean)) per channel lane.
+    V acc1[2][kMaxVectorsPerHalf], acc2[2][kMaxVectorsPerHalf];
+    for (int h = 0; h < 2; ++h) {
+      for (int64_t v = 0; v < blk.vectors; ++v) acc1[h][v] = acc2[h][v] = V(A(0));
+    }
+    for (int64_t pos = 0; pos < n; ++pos) {
+      const T* row = x + pos * g.channels;
       for (int64_t v = 0; v < blk.vectors; ++v) {
-        LaneGates<A> lanes[2];
+        V d[2], xv[2], xc[2], s[2];
+        load_dy(dy + pos * g.channels, v, d);
+        load_centred(row, v, xv, xc);
+        gates[v].gates(xc, s);
         for (int h = 0; h < 2; ++h) {
-          for (int64_t l = 0; l < blk.counts[v]; ++l) {
-            const int64_t c = first[h] + v * N + l, q = b * g.channels + c;
-            lanes[h].set(l, p.params, c, p.mean[q], p.rstd[q]);
-          }
+          const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
+          acc1[h][v] += dt;
+          acc2[h][v] = at::vec::fmadd(dt, xc[h], acc2[h][v]);
         }
-        gates[v] = PairGates<V>(lanes[0], lanes[1]);
       }
+    }
+    V vk0[2][kMaxVectorsPerHalf], vk1[2][kMaxVectorsPerHalf];
+    for (int h = 0; h < 2; ++h) {
+      for (int64_t v = 0; v < blk.vectors; ++v) {
+        A a1[N], a2[N], k0[N] = {}, k1[N] = {};
+        acc1[h][v].store(a1);
+        acc2[h][v].store(a2);
+        for (int64_t l = 0; l < blk.counts[v]; ++l) {
+          const int64_t c = first[h] + v * N + l;
+          const int64_t q = b * g.channels + c;
+          const A rstd = p.rstd[q];
+          const A s2 = a2[l] * rstd;
+          const auto gate = plane_math::plane_gate<A>(p.params, c, p.mean[q], rstd);
+          const auto coef = plane_math::grad_coefficients(p.params, gate, rstd, a1[l], s2, A(1) / A(n));
+          plane_math::plane_partials(p.partials + 2 * q, gate.spatial, a1[l], s2, p.mean[q]);
+          k0[l] = coef.k0;
+          k1[l] = coef.k1;
+        }
+        vk0[h][v] = V::loadu(k0);
+        vk1[h][v] = V::loadu(k1);
+      }
+    }
 
-      // The upstream gradient of pair j sits interleaved at output channels 2j, 2j + 1.
-      auto load_dy = [&](const T* row, int64_t v, V (&out)[2]) {
-        const T* src = row + 2 * (blk.j0 + v * N);
-        const int64_t count = 2 * blk.counts[v];
-        const V lo = load_count(src, std::min(N, count));
-        const V hi = count > N ? load_count(src + N, count - N) : V(A(0));
-        const auto d = at::vec::deinterleave2(lo, hi);
-        out[0] = std::get<0>(d);
-        out[1] = std::get<1>(d);
-      };
-
-      // x of vector v of both halves at one position, and x - mean.
-      auto load_centred = [&](const T* row, int64_t v, V (&xv)[2], V (&xc)[2]) {
+    // Pass 2: dx = dy * s + alpha * dt + k0 + k1 * (x - mean).
+    for (int64_t pos = 0; pos < n; ++pos) {
+      const T* row = x + pos * g.channels;
+      T* drow = dx + pos * g.channels;
+      for (int64_t v = 0; v < blk.vectors; ++v) {
+        V d[2], xv[2], xc[2], s[2];
+        load_dy(dy + pos * g.channels, v, d);
+        load_centred(row, v, xv, xc);
+        gates[v].gates(xc, s);
         for (int h = 0; h < 2; ++h) {
-          xv[h] = load_count(row + first[h] + v * N, blk.counts[v]);
-          xc[h] = xv[h] - gates[v].mean[h];
-        }
-      };
-
-      // Pass 1: plane sums S1 = sum(dt) and sum(dt * (x - mean)) per channel lane.
-      V acc1[2][kMaxVectorsPerHalf], acc2[2][kMaxVectorsPerHalf];
-      for (int h = 0; h < 2; ++h) {
-        for (int64_t v = 0; v < blk.vectors; ++v) acc1[h][v] = acc2[h][v] = V(A(0));
-      }
-      for (int64_t pos = 0; pos < n; ++pos) {
-        const T* row = x + pos * g.channels;
-        for (int64_t v = 0; v < blk.vectors; ++v) {
-          V d[2], xv[2], xc[2], s[2];
-          load_dy(dy + pos * g.channels, v, d);
-          load_centred(row, v, xv, xc);
-          gates[v].gates(xc, s);
-          for (int h = 0; h < 2; ++h) {
-            const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
-            acc1[h][v] += dt;
-            acc2[h][v] = at::vec::fmadd(dt, xc[h], acc2[h][v]);
-          }
-        }
-      }
-      V vk0[2][kMaxVectorsPerHalf], vk1[2][kMaxVectorsPerHalf];
-      for (int h = 0; h < 2; ++h) {
-        for (int64_t v = 0; v < blk.vectors; ++v) {
-          A a1[N], a2[N], k0[N] = {}, k1[N] = {};
-          acc1[h][v].store(a1);
-          acc2[h][v].store(a2);
-          for (int64_t l = 0; l < blk.counts[v]; ++l) {
-            const int64_t c = first[h] + v * N + l;
-            const int64_t q = b * g.channels + c;
-            const A rstd = p.rstd[q];
-            const A s2 = a2[l] * rstd;
-            const auto gate = plane_math::plane_gate<A>(p.params, c, p.mean[q], rstd);
-            const auto coef = plane_math::grad_coefficients(p.params, gate, rstd, a1[l], s2, A(1) / A(n));
-            plane_math::plane_partials(p.partials + 2 * q, gate.spatial, a1[l], s2, p.mean[q]);
-            k0[l] = coef.k0;
-            k1[l] = coef.k1;
-          }
-          vk0[h][v] = V::loadu(k0);
-          vk1[h][v] = V::loadu(k1);
-        }
-      }
-
-      // Pass 2: dx = dy * s + alpha * dt + k0 + k1 * (x - mean).
-      for (int64_t pos = 0; pos < n; ++pos) {
-        const T* row = x + pos * g.channels;
-        T* drow = dx + pos * g.channels;
-        for (int64_t v = 0; v < blk.vectors; ++v) {
-          V d[2], xv[2], xc[2], s[2];
-          load_dy(dy + pos * g.channels, v, d);
-          load_centred(row, v, xv, xc);
-          gates[v].gates(xc, s);
-          for (int h = 0; h < 2; ++h) {
-            const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
-            const V r = at::vec::fmadd(d[h], s[h], at::vec::fmadd(gates[v].alpha[h], dt, at::vec::fmadd(vk1[h][v], xc[h], vk0[h][v])));
-            Lanes<T>::store(drow + first[h] + v * N, r, blk.counts[v]);
-          }
+          const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
+          const V r = at::vec::fmadd(d[h], s[h], at::vec::fmadd(gates[v].alpha[h], dt, at::vec::fmadd(vk1[h][v], xc[h], vk0[h][v])));
+          Lanes<T>::store(drow + first[h] + v * N, r, blk.counts[v]);
         }
       }
     }
