@@ -56,15 +56,9 @@ struct Gate {
   int64_t param;  // index into the six parameter arrays
 };
 
+// The gate of a plane whose channel has index k = c % (2 * half) within its group.
 template <typename A>
-SA_HOST_DEVICE Gate<A> plane_gate(const Params<A>& g, int64_t c, A mean, A rstd) {
-#if defined(__CUDA_ARCH__)
-  // 32-bit on the device, where a 64-bit division is a slow call (the CUDA binding checks
-  // that C fits in 32 bits).
-  const int64_t k = int(c) % int(2 * g.half);
-#else
-  const int64_t k = c % (2 * g.half);
-#endif
+SA_HOST_DEVICE Gate<A> gate_in_group(const Params<A>& g, int64_t k, A mean, A rstd) {
   Gate<A> r;
   if (k < g.half) {
     r.spatial = false;
@@ -78,6 +72,17 @@ SA_HOST_DEVICE Gate<A> plane_gate(const Params<A>& g, int64_t c, A mean, A rstd)
     r.beta = g.sweight[r.param] * g.gn_bias[r.param] + g.sbias[r.param];
   }
   return r;
+}
+
+template <typename A>
+SA_HOST_DEVICE Gate<A> plane_gate(const Params<A>& g, int64_t c, A mean, A rstd) {
+#if defined(__CUDA_ARCH__)
+  // 32-bit on the device, where a 64-bit division is a slow call (the CUDA binding checks
+  // that C fits in 32 bits).
+  return gate_in_group(g, int64_t(int(c) % int(2 * g.half)), mean, rstd);
+#else
+  return gate_in_group(g, c % (2 * g.half), mean, rstd);
+#endif
 }
 
 template <typename A>

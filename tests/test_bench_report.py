@@ -729,6 +729,25 @@ def test_cli_reports_an_existing_json_into_files_named_by_device_and_date(tmp_pa
         cli.main(["--json", str(source), "--out", str(out), "--", "-k", "seed"])
 
 
+@pytest.mark.parametrize("form", ["joined", "separate"])
+def test_cli_reads_the_json_that_the_pytest_arguments_name(monkeypatch, tmp_path, form):
+    named = tmp_path / "mine.json"
+    written = []
+
+    def fake_suite(benchmarks, json_path, pytest_args):
+        written.append(json_path)
+        Path(json_path).write_text(json.dumps(_synthetic_run()))
+        return 0
+
+    monkeypatch.setattr(cli, "run_suite", fake_suite)
+    monkeypatch.setattr(cli, "find_benchmarks", lambda folder: tmp_path)
+    args = [f"--sa-json={named}"] if form == "joined" else ["--sa-json", str(named)]
+    out = tmp_path / "results"
+    assert cli.main(["--out", str(out), "--no-plot", "--", "-k", "seed", *args]) == 0
+    assert written == [named] and named.is_file()  # reported, and left where the caller put it
+    assert json.loads((out / "nvidia-h100-80gb-hbm3-2026-11-25.json").read_text()) == _synthetic_run()
+
+
 def test_cli_merges_several_runs_into_one_report(tmp_path):
     data = _synthetic_run()
     paths = []

@@ -12,7 +12,8 @@ import torch
 
 import sa_kernels
 from sa_kernels import _native
-from helpers import TOLERANCES, assert_matches_reference, random_input, random_reference
+from helpers import (TOLERANCES, assert_matches_reference, fused_outputs, random_input, random_reference,
+                     reference_outputs)
 
 FWD = torch.ops.sa_kernels.shuffle_attention.default
 BWD = torch.ops.sa_kernels.shuffle_attention_backward.default
@@ -128,6 +129,33 @@ def test_channels_last_mixed_branch_vectors_match_the_reference(B, C, H, W, G, d
     ref = random_reference(C, G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     x = random_input((B, C, H, W), dtype, "cpu", torch.channels_last)
     assert_matches_reference(ref, sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu"), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("fmt", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_gates_far_into_both_tails_of_the_sigmoid(fmt, dtype):
+    # Gate logits shifted by biases from -300 to +300: exp(-z) overflows (to inf, or to the
+    # largest float that a fast exp clamps to) below z = -88, where the float sigmoid's
+    # reciprocal must give 0 and never a NaN, and underflows to 0 above z = 88. Biases, not
+    # weights: a large weight would make the gate ill-conditioned in x (any float32 rounding
+    # of the plane's statistics magnified past the tolerance), a large bias does not.
+    C, G = 64, 4
+    ref = random_reference(C, G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    with torch.no_grad():
+        for name in ("cbias", "sbias"):
+            getattr(ref, name).copy_(torch.linspace(-300, 300, getattr(ref, name).numel()).reshape_as(getattr(ref, name)))
+    x = random_input((2, C, 5, 6), dtype, "cpu", fmt)
+    fused = sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu")
+    with torch.no_grad():
+        out = fused(x)
+    assert not torch.isnan(out).any()
+    expected, expected_dx, _ = reference_outputs(ref, x, dy := random_input(x.shape, dtype, "cpu"))
+    torch.testing.assert_close(out.to(torch.float64), expected, **TOLERANCES[dtype])
+    # Nearly every gate saturated: the parameter gradients are rounding noise of s (1 - s) in any
+    # float precision, so only dx is compared; all of them must be finite.
+    got, dx, grads = fused_outputs(fused, x, dy)
+    torch.testing.assert_close(dx.to(torch.float64), expected_dx, **TOLERANCES[dtype])
+    assert all(torch.isfinite(g).all() for g in grads.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)

@@ -156,20 +156,45 @@ class PlaneAccess {
   bool in_place_;
 };
 
-// (batch, channel) of a block's consecutive planes, found with one division per block (an
-// integer division per plane costs as much as a small plane's arithmetic).
+// (batch, channel, index within the group) of a block's consecutive planes, found with
+// one division per block (an integer division per plane costs as much as a small plane's
+// arithmetic).
 struct BlockPlanes {
-  int64_t b[kMaxBlockPlanes], c[kMaxBlockPlanes];
+  int64_t b[kMaxBlockPlanes], c[kMaxBlockPlanes], k[kMaxBlockPlanes];
 
-  BlockPlanes(int64_t first, int64_t count, int64_t channels) {
-    int64_t bb = first / channels, cc = first % channels;
-    for (int64_t k = 0; k < count; ++k) {
-      b[k] = bb;
-      c[k] = cc;
+  BlockPlanes(int64_t first, int64_t count, int64_t channels, int64_t group_size) {
+    int64_t bb = first / channels, cc = first % channels, kk = cc % group_size;
+    for (int64_t i = 0; i < count; ++i) {
+      b[i] = bb;
+      c[i] = cc;
+      k[i] = kk;
+      if (++kk == group_size) kk = 0;
       if (++cc == channels) {
-        cc = 0;
+        cc = kk = 0;
         ++bb;
       }
+    }
+  }
+};
+
+// The gates of a block's planes; the constant gates' sigmoids taken as vectors, not one
+// scalar exp per plane.
+template <typename A>
+struct BlockGates {
+  Gate<A> gate[kMaxBlockPlanes];
+  alignas(64) A constant[kMaxBlockPlanes];  // sigmoid(beta) of channel-branch planes
+
+  // mean(i), rstd(i): plane i's statistics.
+  template <typename Mean, typename Rstd>
+  BlockGates(const Params<A>& params, const BlockPlanes& where, int64_t count, Mean mean, Rstd rstd) {
+    using V = at::vec::Vectorized<A>;
+    constexpr int64_t N = V::size();
+    for (int64_t i = 0; i < count; ++i) {
+      gate[i] = plane_math::gate_in_group<A>(params, where.k[i], mean(i), rstd(i));
+      constant[i] = gate[i].spatial ? A(0) : gate[i].beta;
+    }
+    for (int64_t i = 0; i < count; i += N) {
+      vec_sigmoid(V::loadu(constant + i, int(std::min(N, count - i)))).store(constant + i, int(std::min(N, count - i)));
     }
   }
 };
@@ -232,12 +257,13 @@ inline void for_each_vector(int64_t n, F&& f) {
   if (i < n) f(i, n - i);
 }
 
+// `constant`: sigmoid(beta), the gate of a channel-branch plane.
 template <typename T>
-void gate_plane(const T* x, T* out, int64_t n, acc_t<T> mean, const Gate<acc_t<T>>& g) {
+void gate_plane(const T* x, T* out, int64_t n, acc_t<T> mean, const Gate<acc_t<T>>& g, acc_t<T> constant) {
   using L = Lanes<T>;
   using V = typename L::V;
-  if (!g.spatial) {  // a constant gate
-    const V s(plane_math::sigmoid(g.beta));
+  if (!g.spatial) {
+    const V s(constant);
     for_each_vector<T>(n, [&](int64_t i, int64_t k) { L::store(out + i, load_count(x + i, k) * s, k); });
     return;
   }
@@ -254,11 +280,12 @@ void gate_plane(const T* x, T* out, int64_t n, acc_t<T> mean, const Gate<acc_t<T
 template <typename T>
 std::pair<acc_t<T>, acc_t<T>> backward_plane_sums(const T* x, const T* dy, int64_t n,
                                                   acc_t<T> mean, acc_t<T> rstd,
-                                                  const Gate<acc_t<T>>& g, acc_t<T>* scratch) {
+                                                  const Gate<acc_t<T>>& g, acc_t<T> constant,
+                                                  acc_t<T>* scratch) {
   using V = typename Lanes<T>::V;
   using A = acc_t<T>;
   if (!g.spatial) {  // a constant gate s: S1 = s (1 - s) sum(dy * x)
-    const A s = plane_math::sigmoid(g.beta);
+    const A s = constant;
     V acc(A(0));
     for_each_vector<T>(n, [&](int64_t i, int64_t k) { acc = at::vec::fmadd(load_count(dy + i, k), load_count(x + i, k), acc); });
     return {s * (A(1) - s) * lane_sum(acc), A(0)};
@@ -279,14 +306,14 @@ std::pair<acc_t<T>, acc_t<T>> backward_plane_sums(const T* x, const T* dy, int64
 
 template <typename T>
 void backward_plane_dx(const T* x, const T* dy, T* dx, int64_t n, acc_t<T> mean,
-                       const Gate<acc_t<T>>& g, const plane_math::GradCoefficients<acc_t<T>>& coef,
-                       const acc_t<T>* scratch) {
+                       const Gate<acc_t<T>>& g, acc_t<T> constant,
+                       const plane_math::GradCoefficients<acc_t<T>>& coef, const acc_t<T>* scratch) {
   using L = Lanes<T>;
   using V = typename L::V;
   using A = acc_t<T>;
   const V k0(coef.k0);
   if (!g.spatial) {  // dx = dy * s + k0
-    const V vs(plane_math::sigmoid(g.beta));
+    const V vs(constant);
     for_each_vector<T>(n, [&](int64_t i, int64_t c) { L::store(dx + i, at::vec::fmadd(load_count(dy + i, c), vs, k0), c); });
     return;
   }
@@ -332,6 +359,25 @@ void parallel_over_blocks(const Geometry& g, int64_t per_block, F&& chunk) {
   });
 }
 
+// moments_from_shifted_sums of `count` planes as vectors: the same operations (a division by
+// n, a square root, a division), so the same bits as the scalar form, at a fraction of its
+// cost where planes are small.
+template <typename A>
+void block_moments(const A* shift, const A* sum1, const A* sum2, int64_t count, int64_t n,
+                   double eps, A* mean, A* rstd) {
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t N = V::size();
+  const V vn(static_cast<A>(n)), veps(static_cast<A>(eps)), zero(A(0)), one(A(1));
+  for (int64_t i = 0; i < count; i += N) {
+    const int lanes = int(std::min(N, count - i));
+    const V d = V::loadu(sum1 + i, lanes) / vn;
+    const V v = V::loadu(sum2 + i, lanes) / vn - d * d;
+    const V var = V::blendv(zero, v, v > zero);  // NaN to 0 as in the scalar form
+    (V::loadu(shift + i, lanes) + d).store(mean + i, lanes);
+    (one / (var + veps).sqrt()).store(rstd + i, lanes);
+  }
+}
+
 template <typename T>
 void forward_planes(const ForwardArgs<T>& p) {
   using A = acc_t<T>;
@@ -344,28 +390,27 @@ void forward_planes(const ForwardArgs<T>& p) {
     if (!xa.in_place()) in_rows.resize(per_block * n);
     if (!oa.in_place()) out_rows.resize(per_block * n);
     const T* x[kMaxBlockPlanes];
-    ShiftedSums<A> sums[kMaxBlockPlanes];
-    A mean[kMaxBlockPlanes];
-    Gate<A> gate[kMaxBlockPlanes];
+    alignas(64) A shift[kMaxBlockPlanes], sum1[kMaxBlockPlanes], sum2[kMaxBlockPlanes];
+    alignas(64) A mean[kMaxBlockPlanes], rstd[kMaxBlockPlanes];
     for (int64_t first = begin; first < end; first += per_block) {
       const int64_t count = std::min(per_block, end - first);
-      const BlockPlanes where(first, count, g.channels);
+      const BlockPlanes where(first, count, g.channels, 2 * p.params.half);
       for (int64_t k = 0; k < count; ++k) {
         x[k] = xa.read(p.x + where.b[k] * p.xs.b + where.c[k] * p.xs.c, in_rows.data() + k * n);
-        sums[k] = plane_shifted_sums(x[k], n);
+        const ShiftedSums<A> sums = plane_shifted_sums(x[k], n);
+        shift[k] = sums.shift;
+        sum1[k] = sums.sum1;
+        sum2[k] = sums.sum2;
       }
-      for (int64_t k = 0; k < count; ++k) {
-        const int64_t q = first + k;
-        const auto mom =
-            plane_math::moments_from_shifted_sums(sums[k].shift, sums[k].sum1, sums[k].sum2, n, p.eps);
-        p.mean[q] = mean[k] = mom.mean;
-        p.rstd[q] = mom.rstd;
-        gate[k] = plane_math::plane_gate<A>(p.params, where.c[k], mom.mean, mom.rstd);
-      }
+      block_moments(shift, sum1, sum2, count, n, p.eps, mean, rstd);
+      std::copy(mean, mean + count, p.mean + first);
+      std::copy(rstd, rstd + count, p.rstd + first);
+      const BlockGates<A> gates(p.params, where, count, [&](int64_t k) { return mean[k]; },
+                                [&](int64_t k) { return rstd[k]; });
       for (int64_t k = 0; k < count; ++k) {
         T* out_plane = p.out + where.b[k] * p.os.b + plane_math::output_channel(where.c[k], g.channels) * p.os.c;
         T* out = oa.target(out_plane, out_rows.data() + k * n);
-        gate_plane(x[k], out, n, mean[k], gate[k]);
+        gate_plane(x[k], out, n, mean[k], gates.gate[k], gates.constant[k]);
         oa.finish(out_plane, out);
       }
     }
@@ -608,26 +653,30 @@ void backward_planes(const BackwardArgs<T>& p) {
     if (!dxa.in_place()) dx_rows.resize(per_block * n);
     const T* x[kMaxBlockPlanes];
     const T* dy[kMaxBlockPlanes];
-    Gate<A> gate[kMaxBlockPlanes];
     std::pair<A, A> sums[kMaxBlockPlanes];
+    const A inv_n = A(1) / A(n);
     for (int64_t first = begin; first < end; first += per_block) {
       const int64_t count = std::min(per_block, end - first);
-      const BlockPlanes where(first, count, g.channels);
+      const BlockPlanes where(first, count, g.channels, 2 * p.params.half);
+      const A* mean = p.mean + first;
+      const A* rstd = p.rstd + first;
+      const BlockGates<A> gates(p.params, where, count, [&](int64_t k) { return mean[k]; },
+                                [&](int64_t k) { return rstd[k]; });
       for (int64_t k = 0; k < count; ++k) {
-        const int64_t q = first + k, b = where.b[k], c = where.c[k];
+        const int64_t b = where.b[k], c = where.c[k];
         const int64_t o = plane_math::output_channel(c, g.channels);
         x[k] = xa.read(p.x + b * p.xs.b + c * p.xs.c, x_rows.data() + k * n);
         dy[k] = dya.read(p.grad_out + b * p.gs.b + o * p.gs.c, dy_rows.data() + k * n);
-        gate[k] = plane_math::plane_gate<A>(p.params, c, p.mean[q], p.rstd[q]);
-        sums[k] = backward_plane_sums(x[k], dy[k], n, p.mean[q], p.rstd[q], gate[k], scratch.data() + k * n);
+        sums[k] = backward_plane_sums(x[k], dy[k], n, mean[k], rstd[k], gates.gate[k], gates.constant[k],
+                                      scratch.data() + k * n);
       }
       for (int64_t k = 0; k < count; ++k) {
-        const int64_t q = first + k;
-        const auto coef = plane_math::grad_coefficients(p.params, gate[k], p.rstd[q], sums[k].first, sums[k].second, A(1) / A(n));
-        plane_math::plane_partials(p.partials + 2 * q, gate[k].spatial, sums[k].first, sums[k].second, p.mean[q]);
+        const Gate<A>& gate = gates.gate[k];
+        const auto coef = plane_math::grad_coefficients(p.params, gate, rstd[k], sums[k].first, sums[k].second, inv_n);
+        plane_math::plane_partials(p.partials + 2 * (first + k), gate.spatial, sums[k].first, sums[k].second, mean[k]);
         T* dx_plane = p.dx + where.b[k] * p.ds.b + where.c[k] * p.ds.c;
         T* dx = dxa.target(dx_plane, dx_rows.data() + k * n);
-        backward_plane_dx(x[k], dy[k], dx, n, p.mean[q], gate[k], coef, scratch.data() + k * n);
+        backward_plane_dx(x[k], dy[k], dx, n, mean[k], gate, gates.constant[k], coef, scratch.data() + k * n);
         dxa.finish(dx_plane, dx);
       }
     }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -69,7 +70,20 @@ template <typename V>
 inline V vec_sigmoid(const V& z) {
   const V one(1);
   if constexpr (std::is_same_v<typename V::value_type, float>) {
-    const V s = one / (one + z.neg().exp_u20());
+    const V d = one + z.neg().exp_u20();
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    // 1 / d as an approximate reciprocal and one Newton step (a divide is the slowest
+    // instruction of the gate); d = inf (z below about -88) has the limit 0.
+#if defined(CPU_CAPABILITY_AVX512)
+    const V r0 = _mm512_rcp14_ps(d);
+#else
+    const V r0 = _mm256_rcp_ps(d);
+#endif
+    const V r = at::vec::fmadd(r0, at::vec::fnmadd(d, r0, one), r0);
+    const V s = V::blendv(r, V(0), d == V(std::numeric_limits<float>::infinity()));
+#else
+    const V s = one / d;
+#endif
     return V::blendv(s, z, z.isnan());
   } else {
     return one / (one + z.neg().exp());
@@ -212,9 +226,27 @@ inline void LanePacker<V>::unpack(const V& packed, const V& fill_a, const V& fil
 
 // Sum of a vector's lanes as a pairwise tree: a fixed order (reproducible results) with a
 // short dependency chain.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The same tree on 8 float lanes in registers: lanes i + 4, then i + 2, then i + 1.
+inline float lane_sum8(__m256 v) {
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  t = _mm_add_ss(t, _mm_movehdup_ps(t));
+  return _mm_cvtss_f32(t);
+}
+#endif
+
 template <typename V>
 inline typename V::value_type lane_sum(const V& v) {
   using A = typename V::value_type;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    const __m512 w = v;
+    return lane_sum8(_mm256_add_ps(_mm512_castps512_ps256(w), _mm512_extractf32x8_ps(w, 1)));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) return lane_sum8(v);
+#endif
   A lanes[V::size()];
   v.store(lanes);
   for (int width = V::size() / 2; width > 0; width /= 2) {

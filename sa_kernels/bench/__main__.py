@@ -46,6 +46,18 @@ def run_suite(benchmarks, json_path, pytest_args):
     return subprocess.call(command, env=env)
 
 
+def sa_json_argument(pytest_args):
+    """The path a ``--sa-json`` among the pytest arguments names (the last one wins, as in
+    pytest), or None: the suite then writes there, and the report must read it from there."""
+    path = None
+    for i, arg in enumerate(pytest_args):
+        if arg.startswith("--sa-json="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--sa-json" and i + 1 < len(pytest_args):
+            path = pytest_args[i + 1]
+    return Path(path) if path else None
+
+
 def unused_stem(out_dir, stem):
     """``stem``, or ``stem-2``, ``stem-3``...: never overwrite an earlier run's files."""
     candidate, n = stem, 1
@@ -83,11 +95,13 @@ def main(argv=None):
     benchmarks = None if args.json else find_benchmarks(args.benchmarks)
     out_dir = args.out or DEFAULT_OUT
     out_dir.mkdir(parents=True, exist_ok=True)
-    exit_code = 0
+    exit_code, named = 0, None
     if args.json:
         sources = [Path(p) for p in args.json]
     else:
-        source = out_dir / f".run-{os.getpid()}.json"  # renamed once the device and date are known
+        # Renamed once the device and date are known, unless the caller named it.
+        named = sa_json_argument(pytest_args)
+        source = named or out_dir / f".run-{os.getpid()}.json"
         try:
             exit_code = run_suite(benchmarks, source, pytest_args)
         except KeyboardInterrupt:  # the suite's JSON holds every case it finished: report those
@@ -101,7 +115,7 @@ def main(argv=None):
     info = report.run_info(data)
     stem = unused_stem(out_dir, report.output_stem(info))
     json_path, md_path, png_path = (out_dir / f"{stem}{ext}" for ext in (".json", ".md", ".png"))
-    if args.json and len(sources) == 1:
+    if (args.json and len(sources) == 1) or (not args.json and named):  # the caller's file stays
         shutil.copyfile(sources[0], json_path)
     elif args.json:
         json_path.write_text(json.dumps(data, indent=1) + "\n")
