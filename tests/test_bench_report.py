@@ -663,8 +663,10 @@ def test_report_text_names_device_versions_threads_skips_and_sections():
     assert "**incomplete run**" in report.format_report(data)
     data["benchmarks"] = []
     assert "No benchmark results" in report.format_report(data)
-    data["sa_kernels"]["environment"] = dict(ENV, device="cpu", device_name="CPU Xeon", cpu_threads=1)
+    data["sa_kernels"]["environment"] = dict(ENV, device="cpu", device_name="CPU Xeon", cpu_threads=1,
+                                             cpu_cores=2, cpu_capability="AVX512")
     assert report.output_stem(report.run_info(data)) == "cpu-xeon-2026-11-25-t1"
+    assert "of 2 cores; kernels for AVX512" in report.format_report(data)
 
 
 def test_merging_a_kernel_run_and_a_model_run():
@@ -692,6 +694,8 @@ def test_time_formats_and_slugs():
     assert environment.slug("NVIDIA H200") == "nvidia-h200"
     info = environment.environment_info("cpu")
     assert info["device_name"].startswith("CPU") and info["torch"] == torch.__version__
+    assert info["cpu_cores"] == os.cpu_count()
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -158,6 +158,15 @@ def test_gates_far_into_both_tails_of_the_sigmoid(fmt, dtype):
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_channels_last_backward_on_planes_too_large_to_keep_the_gates(dtype):
+    # The channels-last backward keeps the gates of pass 1 for pass 2 up to 4 MiB per task;
+    # 201 x 203 positions x 2 x 16 pairs of float (or x 8 of double) is past that: recomputed.
+    ref = random_reference(32, 2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    x = random_input((1, 32, 201, 203), dtype, "cpu", torch.channels_last)
+    assert_matches_reference(ref, sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu"), x)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("fmt", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_a_nan_reaches_its_whole_output_plane_and_no_other(fmt, dtype):

@@ -49,6 +49,8 @@ constexpr int kMaxVectorsPerHalf = 4;
 // A channels-last task's slice of the image (H * W * 2 * pairs elements) should stay in
 // the core's cache between its statistics pass and its output pass.
 constexpr int64_t kTaskCacheBytes = 512 * 1024;
+// The channels-last backward keeps a task's gates between its passes up to this size per thread.
+constexpr int64_t kMaxKeptGateBytes = 4 * 1024 * 1024;
 
 // Planes are taken a block at a time: the statistics of all of them, then their gates,
 // then their outputs. Small planes (7x7, 14x14) are dominated by the per-plane scalar work
@@ -693,11 +695,19 @@ void backward_channels_last(const BackwardArgs<T>& p) {
   const int64_t half_c = g.channels / 2;
   const int64_t n = g.hw();
   const V one(A(1));
+  // Pass 1 keeps every gate it computes for pass 2 (a sigmoid costs more than a store and a
+  // load): per thread, H * W positions x 2 halves x the task's pairs, as many values as the
+  // task's slice of x, which channels_last_split sizes to stay in the core's cache.
+  // Very large planes (a slice past the cache anyway) recompute them instead.
+  const int64_t task_gates = n * 2 * channels_last_split<T>(g).pairs_per_task;
+  const bool keep = task_gates * int64_t(sizeof(A)) <= kMaxKeptGateBytes;
+  std::vector<A> gate_scratch(keep ? task_gates * at::get_num_threads() : 0);
   parallel_over_pair_blocks<T>(g, [&](int64_t b, const PairBlock& blk) {
     const T* x = p.x + b * p.xs.b;
     const T* dy = p.grad_out + b * p.gs.b;
     T* dx = p.dx + b * p.ds.b;
     const int64_t first[2] = {blk.j0, half_c + blk.j0};
+    A* kept = keep ? gate_scratch.data() + at::get_thread_num() * task_gates : nullptr;  // [pos][v][h][lane]
 
     PairGates<V> gates[kMaxVectorsPerHalf];
     for (int64_t v = 0; v < blk.vectors; ++v) {
@@ -743,6 +753,7 @@ void backward_channels_last(const BackwardArgs<T>& p) {
         load_centred(row, v, xv, xc);
         gates[v].gates(xc, s);
         for (int h = 0; h < 2; ++h) {
+          if (keep) s[h].store(kept + ((pos * blk.vectors + v) * 2 + h) * N);
           const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
           acc1[h][v] += dt;
           acc2[h][v] = at::vec::fmadd(dt, xc[h], acc2[h][v]);
@@ -779,7 +790,11 @@ void backward_channels_last(const BackwardArgs<T>& p) {
         V d[2], xv[2], xc[2], s[2];
         load_dy(dy + pos * g.channels, v, d);
         load_centred(row, v, xv, xc);
-        gates[v].gates(xc, s);
+        if (keep) {
+          for (int h = 0; h < 2; ++h) s[h] = V::loadu(kept + ((pos * blk.vectors + v) * 2 + h) * N);
+        } else {
+          gates[v].gates(xc, s);
+        }
         for (int h = 0; h < 2; ++h) {
           const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
           const V r = at::vec::fmadd(d[h], s[h], at::vec::fmadd(gates[v].alpha[h], dt, at::vec::fmadd(vk1[h][v], xc[h], vk0[h][v])));

@@ -1,6 +1,7 @@
 """Where a benchmark ran: device, library versions, date; and the file-name slug made from them."""
 import datetime
 import importlib.metadata
+import os
 import platform
 import re
 
@@ -52,6 +53,9 @@ def environment_info(device):
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_cores": os.cpu_count(),
+        # The ISA that torch's (and the cpu backend's) vector kernels were picked for.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

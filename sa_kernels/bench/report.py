@@ -403,7 +403,9 @@ def format_report(data, rows=None):
     threads = options.get("threads", env.get("cpu_threads"))
     if threads is not None:
         how = "torch's default" if options.get("threads_option") is None else "--sa-threads"
-        out.append(f"- CPU threads: {threads} ({how})")
+        cores = f" of {env['cpu_cores']} cores" if env.get("cpu_cores") else ""
+        isa = f"; kernels for {env['cpu_capability']}" if env.get("cpu_capability") else ""
+        out.append(f"- CPU threads: {threads} ({how}){cores}{isa}")
     if info["complete"] is False:
         out.append(f"- **incomplete run**: stopped after {len(data.get('benchmarks', []))} "
                    f"cases ({info['elapsed_s'] or 0:.0f} s); the rows below are what it finished")
