@@ -85,30 +85,6 @@ SA_HOST_DEVICE Gate<A> plane_gate(const Params<A>& g, int64_t c, A mean, A rstd)
 #endif
 }
 
-template <typename A>
-SA_HOST_DEVICE A sigmoid(A z) {
-  using std::exp;  // float and double overloads on the host; CUDA's own on the device
-  return A(1) / (A(1) + exp(-z));
-}
-
-// Mean and rstd from a shifted first and second moment: sum1 = sum(x - shift),
-// sum2 = sum((x - shift)^2) over n values. Shifting by a value of the plane keeps the
-// one-pass variance free of the cancellation that sum(x^2) - n * mean^2 suffers.
-template <typename A>
-struct Moments {
-  A mean, rstd;
-};
-
-template <typename A>
-SA_HOST_DEVICE Moments<A> moments_from_shifted_sums(A shift, A sum1, A sum2, int64_t n,
-                                                           double eps) {
-  const A d = sum1 / A(n);
-  A var = sum2 / A(n) - d * d;
-  var = var > A(0) ? var : A(0);
-  using std::sqrt;
-  return {shift + d, A(1) / sqrt(var + A(eps))};
-}
-
 // dx = dy * s + alpha * dt + k0 + k1 * (x - mean).
 template <typename A>
 struct GradCoefficients {
@@ -136,8 +112,8 @@ SA_HOST_DEVICE void plane_partials(A* out2, bool spatial, A s1, A s2, A mean) {
 // sweight, sbias, gn_weight, gn_bias.
 template <typename A>
 SA_HOST_DEVICE void parameter_gradients(const Params<A>& g, const A* partials,
-                                               int64_t batch, int64_t channels, int64_t p,
-                                               A (&grads)[6]) {
+                                        int64_t batch, int64_t channels, int64_t p,
+                                        A (&grads)[6]) {
   const int64_t groups = channels / (2 * g.half);
   A sum_c = A(0), sum_cm = A(0), sum_s1 = A(0), sum_s2 = A(0);
   for (int64_t b = 0; b < batch; ++b) {

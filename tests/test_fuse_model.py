@@ -563,8 +563,9 @@ def ddp_reducer_check(store_path):
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo backend")
 def test_inside_distributed_data_parallel_the_reducer_keeps_its_parameters(tmp_path):
     # In a child process under a deadline: run in the suite's own process, this test once stalled
-    # a CI run for an hour (gloo then took the address the hostname resolves to; it is kept on
-    # loopback now). A child can be stopped; the suite goes on and the failure names the cause.
+    # a CI run for an hour (not reproduced here; gloo was not kept on loopback then, as the
+    # two-process DDP test that passed in that run does). A child can be stopped: the suite
+    # goes on and the failure shows the child's stack.
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
     code = f"import test_fuse_model as t; t.ddp_reducer_check({str(tmp_path / 'store')!r})"

@@ -186,13 +186,12 @@ struct BlockGates {
   Gate<A> gate[kMaxBlockPlanes];
   alignas(64) A constant[kMaxBlockPlanes];  // sigmoid(beta) of channel-branch planes
 
-  // mean(i), rstd(i): plane i's statistics.
-  template <typename Mean, typename Rstd>
-  BlockGates(const Params<A>& params, const BlockPlanes& where, int64_t count, Mean mean, Rstd rstd) {
+  // mean[i], rstd[i]: plane i's statistics.
+  BlockGates(const Params<A>& params, const BlockPlanes& where, int64_t count, const A* mean, const A* rstd) {
     using V = at::vec::Vectorized<A>;
     constexpr int64_t N = V::size();
     for (int64_t i = 0; i < count; ++i) {
-      gate[i] = plane_math::gate_in_group<A>(params, where.k[i], mean(i), rstd(i));
+      gate[i] = plane_math::gate_in_group<A>(params, where.k[i], mean[i], rstd[i]);
       constant[i] = gate[i].spatial ? A(0) : gate[i].beta;
     }
     for (int64_t i = 0; i < count; i += N) {
@@ -210,7 +209,9 @@ inline typename Lanes<T>::V load_count(const T* p, int64_t count) {
 }
 
 
-// A plane's first and second moments about its first value (see moments_from_shifted_sums).
+// A plane's first and second moments about its first value: shifting by a value of the
+// plane keeps the one-pass variance free of the cancellation that sum(x^2) - n * mean^2
+// suffers (block_moments turns them into mean and rstd).
 template <typename A>
 struct ShiftedSums {
   A shift, sum1, sum2;
@@ -361,9 +362,9 @@ void parallel_over_blocks(const Geometry& g, int64_t per_block, F&& chunk) {
   });
 }
 
-// moments_from_shifted_sums of `count` planes as vectors: the same operations (a division by
-// n, a square root, a division), so the same bits as the scalar form, at a fraction of its
-// cost where planes are small.
+// Mean and rstd of `count` planes from their shifted sums (ShiftedSums), as vectors: where
+// planes are small, their scalar division, square root and division cost as much as the
+// plane's own arithmetic. var < 0 (rounding) and NaN are taken as 0.
 template <typename A>
 void block_moments(const A* shift, const A* sum1, const A* sum2, int64_t count, int64_t n,
                    double eps, A* mean, A* rstd) {
@@ -374,7 +375,7 @@ void block_moments(const A* shift, const A* sum1, const A* sum2, int64_t count, 
     const int lanes = int(std::min(N, count - i));
     const V d = V::loadu(sum1 + i, lanes) / vn;
     const V v = V::loadu(sum2 + i, lanes) / vn - d * d;
-    const V var = V::blendv(zero, v, v > zero);  // NaN to 0 as in the scalar form
+    const V var = V::blendv(zero, v, v > zero);
     (V::loadu(shift + i, lanes) + d).store(mean + i, lanes);
     (one / (var + veps).sqrt()).store(rstd + i, lanes);
   }
@@ -407,8 +408,7 @@ void forward_planes(const ForwardArgs<T>& p) {
       block_moments(shift, sum1, sum2, count, n, p.eps, mean, rstd);
       std::copy(mean, mean + count, p.mean + first);
       std::copy(rstd, rstd + count, p.rstd + first);
-      const BlockGates<A> gates(p.params, where, count, [&](int64_t k) { return mean[k]; },
-                                [&](int64_t k) { return rstd[k]; });
+      const BlockGates<A> gates(p.params, where, count, mean, rstd);
       for (int64_t k = 0; k < count; ++k) {
         T* out_plane = p.out + where.b[k] * p.os.b + plane_math::output_channel(where.c[k], g.channels) * p.os.c;
         T* out = oa.target(out_plane, out_rows.data() + k * n);
@@ -578,16 +578,16 @@ void forward_channels_last(const ForwardArgs<T>& p) {
     LaneGates<A> lanes[2][kMaxVectorsPerHalf];
     for (int h = 0; h < 2; ++h) {
       for (int64_t v = 0; v < blk.vectors; ++v) {
-        A k[N], a1[N], a2[N];
+        A k[N], a1[N], a2[N], mean[N], rstd[N];
         shift[h][v].store(k);
         s1[h][v].store(a1);
         s2[h][v].store(a2);
+        block_moments(k, a1, a2, blk.counts[v], n, p.eps, mean, rstd);
         for (int64_t l = 0; l < blk.counts[v]; ++l) {
           const int64_t c = first[h] + v * N + l;
-          const auto mom = plane_math::moments_from_shifted_sums(k[l], a1[l], a2[l], n, p.eps);
-          p.mean[b * g.channels + c] = mom.mean;
-          p.rstd[b * g.channels + c] = mom.rstd;
-          lanes[h][v].set(l, p.params, c, mom.mean, mom.rstd);
+          p.mean[b * g.channels + c] = mean[l];
+          p.rstd[b * g.channels + c] = rstd[l];
+          lanes[h][v].set(l, p.params, c, mean[l], rstd[l]);
         }
       }
     }
@@ -662,8 +662,7 @@ void backward_planes(const BackwardArgs<T>& p) {
       const BlockPlanes where(first, count, g.channels, 2 * p.params.half);
       const A* mean = p.mean + first;
       const A* rstd = p.rstd + first;
-      const BlockGates<A> gates(p.params, where, count, [&](int64_t k) { return mean[k]; },
-                                [&](int64_t k) { return rstd[k]; });
+      const BlockGates<A> gates(p.params, where, count, mean, rstd);
       for (int64_t k = 0; k < count; ++k) {
         const int64_t b = where.b[k], c = where.c[k];
         const int64_t o = plane_math::output_channel(c, g.channels);

@@ -150,7 +150,7 @@ class LanePacker {
   __m512i pack_index_, shift_index_;
   __mmask16 lanes_a_ = 0, lanes_b_ = 0;
 #elif defined(CPU_CAPABILITY_AVX2)
-  __m256i from_a_, from_b_, to_a_, to_b_;
+  __m256i from_, to_a_, to_b_;
   __m256 take_b_, lanes_a_, lanes_b_;
 #endif
 };
@@ -172,11 +172,10 @@ inline void LanePacker<V>::prepare() {
   if constexpr (kHasPermutes) {
     // AVX2 permutes one source at a time: a's lanes and b's lanes are permuted separately
     // and blended; unpacking permutes each lane's packed value back, then blends.
-    int32_t from_a[kSize], from_b[kSize], to_a[kSize], to_b[kSize], take_b[kSize], in_a[kSize], in_b[kSize];
+    int32_t from[kSize], to_a[kSize], to_b[kSize], take_b[kSize], in_a[kSize], in_b[kSize];
     int rank_a = 0, rank_b = count_a_;
     for (int l = 0; l < kSize; ++l) {
-      from_a[l] = source_[l] % kSize;
-      from_b[l] = source_[l] % kSize;
+      from[l] = source_[l] % kSize;  // the lane of a or of b, as take_b picks
       take_b[l] = l >= count_a_ ? -1 : 0;
       to_a[l] = mask_a_[l] ? rank_a++ : 0;
       to_b[l] = mask_b_[l] ? rank_b++ : 0;
@@ -184,8 +183,7 @@ inline void LanePacker<V>::prepare() {
       in_b[l] = mask_b_[l] ? -1 : 0;
     }
     auto load = [](const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
-    from_a_ = load(from_a);
-    from_b_ = load(from_b);
+    from_ = load(from);
     to_a_ = load(to_a);
     to_b_ = load(to_b);
     take_b_ = _mm256_castsi256_ps(load(take_b));
@@ -201,7 +199,7 @@ inline V LanePacker<V>::pack(const V& a, const V& b) const {
   if constexpr (kHasPermutes) return _mm512_permutex2var_ps(a, pack_index_, b);
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (kHasPermutes) {
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(a, from_a_), _mm256_permutevar8x32_ps(b, from_b_), take_b_);
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(a, from_), _mm256_permutevar8x32_ps(b, from_), take_b_);
   }
 #endif
   return a;  // not reached: callers check packable()
@@ -226,10 +224,8 @@ inline void LanePacker<V>::unpack(const V& packed, const V& fill_a, const V& fil
   b = fill_b;
 }
 
-// Sum of a vector's lanes as a pairwise tree: a fixed order (reproducible results) with a
-// short dependency chain.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// The same tree on 8 float lanes in registers: lanes i + 4, then i + 2, then i + 1.
+// lane_sum's tree on 8 float lanes, in registers: lanes i + 4, then i + 2, then i + 1.
 inline float lane_sum8(__m256 v) {
   __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   t = _mm_add_ps(t, _mm_movehl_ps(t, t));
@@ -238,6 +234,8 @@ inline float lane_sum8(__m256 v) {
 }
 #endif
 
+// Sum of a vector's lanes as a pairwise tree (lanes i + size/2, then i + size/4, ...): a
+// fixed order (reproducible results) with a short dependency chain.
 template <typename V>
 inline typename V::value_type lane_sum(const V& v) {
   using A = typename V::value_type;
