@@ -17,7 +17,7 @@
 #include "torch_ops/op_checks.h"
 #include "torch_ops/python_module.h"
 
-SA_KERNELS_PYTHON_MODULE(_cuda)
+SA_KERNELS_PYTHON_MODULE(_cuda, nullptr)
 
 namespace sa_kernels {
 namespace {

@@ -20,7 +20,7 @@ from ._checks import acc_dtype, check_backward_inputs, check_inputs
 
 # Capabilities from best to worst; a machine runs any at or below its own.
 _CPU_CAPABILITIES = ("avx512", "avx2", "default")
-_state = {"ops": None, "ops_error": None, "cpu": None, "cpu_error": None}
+_state = {"ops": None, "ops_error": None, "cpu": None, "cpu_module": None, "cpu_error": None}
 
 
 def _import(name):
@@ -50,6 +50,7 @@ def _load():
         module, error = _import(f"sa_kernels._cpu_{isa}")
         if module is not None:
             _state["cpu"] = isa
+            _state["cpu_module"] = module
             return
         errors.append(f"_cpu_{isa}: {error}")
     _state["cpu_error"] = "; ".join(errors)
@@ -63,6 +64,16 @@ def ops_loaded():
 def cpu_capability():
     """The CPU capability whose kernels are loaded ('avx512', 'avx2', 'default'), or None."""
     return _state["cpu"]
+
+
+def cpu_cache_bytes():
+    """The last-level cache size the CPU kernels go by, or None where they are not loaded.
+
+    Above it (input and output together) they write their outputs with non-temporal
+    stores; ``SA_KERNELS_CPU_CACHE_BYTES`` sets it (read once per process).
+    """
+    module = _state["cpu_module"]
+    return None if module is None else module.last_level_cache_bytes()
 
 
 def unavailable_reason_ops():

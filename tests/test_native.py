@@ -7,6 +7,10 @@ Here: the extension is built and loaded for this CPU, the native ops themselves 
 opcheck, autograd in C++ (one op per call), thread-count determinism, every vector path
 of the CPU kernels, and each bad input's error.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -219,6 +223,42 @@ def test_bitwise_identical_across_thread_counts(fmt):
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+def _streaming_cases():
+    """Forward and all gradients on planes and channels-last rows aligned to a vector or not,
+    every dtype; the same values for the same seed in any process."""
+    torch.manual_seed(1234)
+    results = []
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for shape, G in (((2, 64, 16, 16), 8), ((3, 48, 7, 9), 4)):
+            for fmt in LAYOUTS.values():
+                ref = random_reference(shape[1], G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+                fused = sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu")
+                x = random_input(shape, dtype, "cpu", fmt)
+                out, dx, grads = fused_outputs(fused, x, random_input(shape, dtype, "cpu", fmt))
+                results += [out, dx, *grads.values()]
+    return results
+
+
+def test_outputs_streamed_past_the_cache_are_bitwise_those_stored_through_it(tmp_path):
+    # Inputs and outputs larger than the last-level cache are written with non-temporal
+    # stores. A child process told that the cache is 0 bytes streams every full, aligned
+    # vector (forward out and backward dx); here nothing streams (a few KiB per call).
+    assert _native.cpu_cache_bytes() > 1 << 20
+    saved = tmp_path / "streamed.pt"
+    script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_native; "
+              "from sa_kernels import _native; assert _native.cpu_cache_bytes() == 0; "
+              "torch.save(test_native._streaming_cases(), sys.argv[2])")
+    env = dict(os.environ, SA_KERNELS_CPU_CACHE_BYTES="0")
+    subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(saved)], env=env,
+                   check=True, timeout=300)
+    streamed = torch.load(saved)
+    ordinary = _streaming_cases()
+    assert len(streamed) == len(ordinary)
+    for a, b in zip(streamed, ordinary):
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        assert torch.equal(a, b)
 
 
 def _bad(**overrides):

@@ -32,6 +32,7 @@
 #include <ATen/ops/zeros.h>
 
 #include "plane_math.h"
+#include "torch_ops/cache_size.h"
 #include "torch_ops/cpu_vec.h"
 #include "torch_ops/op_checks.h"
 
@@ -262,18 +263,19 @@ inline void for_each_vector(int64_t n, F&& f) {
 
 // `constant`: sigmoid(beta), the gate of a channel-branch plane.
 template <typename T>
-void gate_plane(const T* x, T* out, int64_t n, acc_t<T> mean, const Gate<acc_t<T>>& g, acc_t<T> constant) {
+void gate_plane(const T* x, T* out, int64_t n, acc_t<T> mean, const Gate<acc_t<T>>& g, acc_t<T> constant,
+                const OutputStores<T>& put) {
   using L = Lanes<T>;
   using V = typename L::V;
   if (!g.spatial) {
     const V s(constant);
-    for_each_vector<T>(n, [&](int64_t i, int64_t k) { L::store(out + i, load_count(x + i, k) * s, k); });
+    for_each_vector<T>(n, [&](int64_t i, int64_t k) { put(out + i, load_count(x + i, k) * s, k); });
     return;
   }
   const V a(g.alpha), b(g.beta), m(mean);
   for_each_vector<T>(n, [&](int64_t i, int64_t k) {
     const V v = load_count(x + i, k);
-    L::store(out + i, v * vec_sigmoid(at::vec::fmadd(a, v - m, b)), k);
+    put(out + i, v * vec_sigmoid(at::vec::fmadd(a, v - m, b)), k);
   });
 }
 
@@ -310,14 +312,15 @@ std::pair<acc_t<T>, acc_t<T>> backward_plane_sums(const T* x, const T* dy, int64
 template <typename T>
 void backward_plane_dx(const T* x, const T* dy, T* dx, int64_t n, acc_t<T> mean,
                        const Gate<acc_t<T>>& g, acc_t<T> constant,
-                       const plane_math::GradCoefficients<acc_t<T>>& coef, const acc_t<T>* scratch) {
+                       const plane_math::GradCoefficients<acc_t<T>>& coef, const acc_t<T>* scratch,
+                       const OutputStores<T>& put) {
   using L = Lanes<T>;
   using V = typename L::V;
   using A = acc_t<T>;
   const V k0(coef.k0);
   if (!g.spatial) {  // dx = dy * s + k0
     const V vs(constant);
-    for_each_vector<T>(n, [&](int64_t i, int64_t c) { L::store(dx + i, at::vec::fmadd(load_count(dy + i, c), vs, k0), c); });
+    for_each_vector<T>(n, [&](int64_t i, int64_t c) { put(dx + i, at::vec::fmadd(load_count(dy + i, c), vs, k0), c); });
     return;
   }
   const V one(A(1)), a(g.alpha), m(mean), k1(coef.k1);
@@ -326,7 +329,7 @@ void backward_plane_dx(const T* x, const T* dy, T* dx, int64_t n, acc_t<T> mean,
     const V s = V::loadu(scratch + i, k);
     const V xc = v - m;
     const V dt = d * v * s * (one - s);
-    L::store(dx + i, at::vec::fmadd(d, s, at::vec::fmadd(a, dt, at::vec::fmadd(k1, xc, k0))), k);
+    put(dx + i, at::vec::fmadd(d, s, at::vec::fmadd(a, dt, at::vec::fmadd(k1, xc, k0))), k);
   });
 }
 
@@ -344,6 +347,7 @@ struct ForwardArgs {
   Params<A> params;
   Geometry geo;
   double eps;
+  OutputStores<T> stores;
 };
 
 
@@ -412,10 +416,11 @@ void forward_planes(const ForwardArgs<T>& p) {
       for (int64_t k = 0; k < count; ++k) {
         T* out_plane = p.out + where.b[k] * p.os.b + plane_math::output_channel(where.c[k], g.channels) * p.os.c;
         T* out = oa.target(out_plane, out_rows.data() + k * n);
-        gate_plane(x[k], out, n, mean[k], gates.gate[k], gates.constant[k]);
+        gate_plane(x[k], out, n, mean[k], gates.gate[k], gates.constant[k], p.stores);
         oa.finish(out_plane, out);
       }
     }
+    p.stores.fence();
   });
 }
 
@@ -459,11 +464,11 @@ PairBlock pair_block(int64_t block, const ChannelsLastSplit& split, int64_t half
 // Stores y0 (channel 2j) and y1 (channel 2j + 1) of `count` pairs interleaved at `out`.
 template <typename T>
 inline void store_pairs(T* out, const typename Lanes<T>::V& y0, const typename Lanes<T>::V& y1,
-                        int64_t count) {
+                        int64_t count, const OutputStores<T>& put) {
   constexpr int64_t N = Lanes<T>::kSize;
   const auto lo_hi = at::vec::interleave2(y0, y1);
-  Lanes<T>::store(out, std::get<0>(lo_hi), std::min(N, 2 * count));
-  if (2 * count > N) Lanes<T>::store(out + N, std::get<1>(lo_hi), 2 * count - N);
+  put(out, std::get<0>(lo_hi), std::min(N, 2 * count));
+  if (2 * count > N) put(out + N, std::get<1>(lo_hi), 2 * count - N);
 }
 
 // The gate values of a vector of channels, one lane each (lanes past the last channel: zero).
@@ -605,9 +610,10 @@ void forward_channels_last(const ForwardArgs<T>& p) {
           xc[h] = xv[h] - gates[v].mean[h];
         }
         gates[v].gates(xc, s);
-        store_pairs<T>(orow + 2 * v * N, xv[0] * s[0], xv[1] * s[1], blk.counts[v]);
+        store_pairs<T>(orow + 2 * v * N, xv[0] * s[0], xv[1] * s[1], blk.counts[v], p.stores);
       }
     }
+    p.stores.fence();
   });
 }
 
@@ -638,6 +644,7 @@ struct BackwardArgs {
   A* partials;  // (B, C, 2)
   Params<A> params;
   Geometry geo;
+  OutputStores<T> stores;
 };
 
 template <typename T>
@@ -677,10 +684,12 @@ void backward_planes(const BackwardArgs<T>& p) {
         plane_math::plane_partials(p.partials + 2 * (first + k), gate.spatial, sums[k].first, sums[k].second, mean[k]);
         T* dx_plane = p.dx + where.b[k] * p.ds.b + where.c[k] * p.ds.c;
         T* dx = dxa.target(dx_plane, dx_rows.data() + k * n);
-        backward_plane_dx(x[k], dy[k], dx, n, mean[k], gate, gates.constant[k], coef, scratch.data() + k * n);
+        backward_plane_dx(x[k], dy[k], dx, n, mean[k], gate, gates.constant[k], coef, scratch.data() + k * n,
+                          p.stores);
         dxa.finish(dx_plane, dx);
       }
     }
+    p.stores.fence();
   });
 }
 
@@ -797,10 +806,11 @@ void backward_channels_last(const BackwardArgs<T>& p) {
         for (int h = 0; h < 2; ++h) {
           const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
           const V r = at::vec::fmadd(d[h], s[h], at::vec::fmadd(gates[v].alpha[h], dt, at::vec::fmadd(vk1[h][v], xc[h], vk0[h][v])));
-          Lanes<T>::store(drow + first[h] + v * N, r, blk.counts[v]);
+          p.stores(drow + first[h] + v * N, r, blk.counts[v]);
         }
       }
     }
+    p.stores.fence();
   });
 }
 
@@ -846,6 +856,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_attention_cpu(
     p.params = table.params();
     p.geo = geometry_of(x);
     p.eps = eps;
+    p.stores.stream = 2 * x.numel() * x.element_size() > last_level_cache_bytes();  // x and out
     forward_kernel(p);
   });
   return {out, mean, rstd};
@@ -884,6 +895,7 @@ shuffle_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
     p.partials = partials.data();
     p.params = table.params();
     p.geo = geometry_of(x);
+    p.stores.stream = 3 * x.numel() * x.element_size() > last_level_cache_bytes();  // x, dy and dx
     backward_kernel(p);
 
     // Fixed-order (batch, then group) sums: bitwise the same for any thread count.

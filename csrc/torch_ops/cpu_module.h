@@ -1,6 +1,7 @@
 // One CPU-kernel module per CPU capability (cpu_module_default.cpp, _avx2, _avx512):
 // each registers the CPU implementations of the native ops. sa_kernels/_native.py
-// imports exactly one, the one matching the capability torch runs with.
+// imports exactly one, the one matching the capability torch runs with. Its one Python
+// function says what cache size the kernels go by (cache_size.h).
 #pragma once
 
 #include <torch/library.h>
@@ -12,3 +13,18 @@ TORCH_LIBRARY_IMPL(sa_kernels, CPU, m) {
   m.impl("shuffle_attention", &sa_kernels::cpu::shuffle_attention_cpu);
   m.impl("shuffle_attention_backward", &sa_kernels::cpu::shuffle_attention_backward_cpu);
 }
+
+namespace sa_kernels {
+namespace cpu {
+
+inline PyObject* last_level_cache_bytes_py(PyObject* /*self*/, PyObject* /*args*/) {
+  return PyLong_FromLongLong(last_level_cache_bytes());
+}
+
+inline PyMethodDef kModuleMethods[] = {
+    {"last_level_cache_bytes", last_level_cache_bytes_py, METH_NOARGS,
+     "The last-level cache size (bytes) above which the kernels stream their outputs."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace cpu
+}  // namespace sa_kernels

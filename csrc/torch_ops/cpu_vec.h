@@ -51,12 +51,61 @@ struct Lanes {
     }
   }
 
+  // A full vector stored past the caches (non-temporal), for outputs too large to stay in
+  // them: no read for ownership of the line it fills. p must be aligned to kStoreBytes.
+  // Where the ISA has no such store (the default capability), an ordinary one.
+  static constexpr int64_t kStoreBytes = kSize * int64_t(sizeof(T));
+  static void stream(T* p, const V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kReduced<T>) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(at::vec::convert<T>(v)));
+    } else if constexpr (std::is_same_v<T, float>) {
+      _mm512_stream_ps(p, v);
+    } else {
+      _mm512_stream_pd(p, v);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kReduced<T>) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(at::vec::convert<T>(v)));
+    } else if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(p, v);
+    } else {
+      _mm256_stream_pd(p, v);
+    }
+#else
+    store(p, v);
+#endif
+  }
+
   static void store(T* p, const V& v, int64_t n = kSize) {
     if constexpr (kReduced<T>) {
       at::vec::convert<T>(v).store(p, int(n));  // rounds to nearest even, into the low half
     } else {
       v.store(p, int(n));
     }
+  }
+};
+
+// Where a kernel writes its output: ordinary stores, or (stream) non-temporal ones for
+// full, aligned vectors. A thread that streamed calls fence() before its writes may be
+// read by another thread.
+template <typename T>
+struct OutputStores {
+  bool stream = false;
+
+  void operator()(T* p, const typename Lanes<T>::V& v, int64_t count) const {
+    if (stream && count == Lanes<T>::kSize &&
+        reinterpret_cast<uintptr_t>(p) % Lanes<T>::kStoreBytes == 0) {
+      Lanes<T>::stream(p, v);
+    } else {
+      Lanes<T>::store(p, v, count);
+    }
+  }
+
+  void fence() const {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (stream) _mm_sfence();
+#endif
   }
 };
 
