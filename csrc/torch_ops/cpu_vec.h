@@ -122,14 +122,18 @@ inline V vec_sigmoid(const V& z) {
   const V one(1);
   if constexpr (std::is_same_v<typename V::value_type, float>) {
     const V d = one + z.neg().exp_u20();
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+    // As on AVX2 (below), with the two fix-ups selected by mask registers: at::vec's comparisons
+    // return vector masks, which cost two more instructions each to use on AVX-512.
+    const __m512 r0 = _mm512_rcp14_ps(d);
+    const __m512 r = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(d, r0, one), r0);
+    const __m512 s = _mm512_maskz_mov_ps(
+        _mm512_cmp_ps_mask(d, _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_NEQ_UQ), r);
+    return _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q), z);
+#elif defined(CPU_CAPABILITY_AVX2)
     // 1 / d as an approximate reciprocal and one Newton step (a divide is the slowest
     // instruction of the gate); d = inf (z below about -88) has the limit 0.
-#if defined(CPU_CAPABILITY_AVX512)
-    const V r0 = _mm512_rcp14_ps(d);
-#else
     const V r0 = _mm256_rcp_ps(d);
-#endif
     const V r = at::vec::fmadd(r0, at::vec::fnmadd(d, r0, one), r0);
     const V s = V::blendv(r, V(0), d == V(std::numeric_limits<float>::infinity()));
 #else
