@@ -227,34 +227,44 @@ def test_bitwise_identical_across_thread_counts(fmt):
 
 def _streaming_cases():
     """Forward and all gradients on planes and channels-last rows aligned to a vector or not,
-    every dtype; the same values for the same seed in any process."""
+    and on transposed planes (written through a row buffer, which never streams), every dtype;
+    the same values for the same seed in any process."""
     torch.manual_seed(1234)
     results = []
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         for shape, G in (((2, 64, 16, 16), 8), ((3, 48, 7, 9), 4)):
-            for fmt in LAYOUTS.values():
+            for layout in ("nchw", "nhwc", "transposed"):
                 ref = random_reference(shape[1], G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
                 fused = sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu")
-                x = random_input(shape, dtype, "cpu", fmt)
-                out, dx, grads = fused_outputs(fused, x, random_input(shape, dtype, "cpu", fmt))
+
+                def make():
+                    if layout == "transposed":  # dense, H and W swapped: out and dx alike
+                        return random_input(shape[:2] + shape[:1:-1], dtype, "cpu").transpose(2, 3)
+                    return random_input(shape, dtype, "cpu", LAYOUTS[layout])
+
+                out, dx, grads = fused_outputs(fused, make(), make())
                 results += [out, dx, *grads.values()]
     return results
 
 
+def _streaming_cases_in_a_child(tmp_path, cache_bytes):
+    """_streaming_cases() run by a process whose kernels take the cache to be cache_bytes."""
+    saved = tmp_path / f"cache-{cache_bytes}.pt"
+    script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_native; "
+              "from sa_kernels import _native; assert _native.cpu_cache_bytes() == int(sys.argv[3]); "
+              "torch.save(test_native._streaming_cases(), sys.argv[2])")
+    env = dict(os.environ, SA_KERNELS_CPU_CACHE_BYTES=str(cache_bytes))
+    subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(saved), str(cache_bytes)],
+                   env=env, check=True, timeout=300)
+    return torch.load(saved)
+
+
 def test_outputs_streamed_past_the_cache_are_bitwise_those_stored_through_it(tmp_path):
     # Inputs and outputs larger than the last-level cache are written with non-temporal
-    # stores. A child process told that the cache is 0 bytes streams every full, aligned
-    # vector (forward out and backward dx); here nothing streams (a few KiB per call).
-    assert _native.cpu_cache_bytes() > 1 << 20
-    saved = tmp_path / "streamed.pt"
-    script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_native; "
-              "from sa_kernels import _native; assert _native.cpu_cache_bytes() == 0; "
-              "torch.save(test_native._streaming_cases(), sys.argv[2])")
-    env = dict(os.environ, SA_KERNELS_CPU_CACHE_BYTES="0")
-    subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(saved)], env=env,
-                   check=True, timeout=300)
-    streamed = torch.load(saved)
-    ordinary = _streaming_cases()
+    # stores. With the cache taken as 0 bytes every full, aligned vector streams (forward
+    # out and backward dx); with 1 TiB none does.
+    streamed = _streaming_cases_in_a_child(tmp_path, 0)
+    ordinary = _streaming_cases_in_a_child(tmp_path, 1 << 40)
     assert len(streamed) == len(ordinary)
     for a, b in zip(streamed, ordinary):
         assert a.dtype == b.dtype and a.stride() == b.stride()

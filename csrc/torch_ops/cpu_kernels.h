@@ -393,6 +393,8 @@ void forward_planes(const ForwardArgs<T>& p) {
   const int64_t per_block = planes_per_block(n, sizeof(T));
   parallel_over_blocks(g, per_block, [&](int64_t begin, int64_t end) {
     const PlaneAccess<T> xa(p.xs, g), oa(p.os, g);
+    // A row buffer is read straight back by finish(): only planes written in place stream.
+    const OutputStores<T> put = oa.in_place() ? p.stores : OutputStores<T>{};
     std::vector<T> in_rows, out_rows;  // for planes that are not contiguous runs
     if (!xa.in_place()) in_rows.resize(per_block * n);
     if (!oa.in_place()) out_rows.resize(per_block * n);
@@ -416,11 +418,11 @@ void forward_planes(const ForwardArgs<T>& p) {
       for (int64_t k = 0; k < count; ++k) {
         T* out_plane = p.out + where.b[k] * p.os.b + plane_math::output_channel(where.c[k], g.channels) * p.os.c;
         T* out = oa.target(out_plane, out_rows.data() + k * n);
-        gate_plane(x[k], out, n, mean[k], gates.gate[k], gates.constant[k], p.stores);
+        gate_plane(x[k], out, n, mean[k], gates.gate[k], gates.constant[k], put);
         oa.finish(out_plane, out);
       }
     }
-    p.stores.fence();
+    put.fence();
   });
 }
 
@@ -655,6 +657,7 @@ void backward_planes(const BackwardArgs<T>& p) {
   const int64_t per_block = planes_per_block(n, sizeof(T));
   parallel_over_blocks(g, per_block, [&](int64_t begin, int64_t end) {
     const PlaneAccess<T> xa(p.xs, g), dya(p.gs, g), dxa(p.ds, g);
+    const OutputStores<T> put = dxa.in_place() ? p.stores : OutputStores<T>{};  // as forward_planes
     std::vector<A> scratch(per_block * n);
     std::vector<T> x_rows, dy_rows, dx_rows;  // for planes that are not contiguous runs
     if (!xa.in_place()) x_rows.resize(per_block * n);
@@ -685,11 +688,11 @@ void backward_planes(const BackwardArgs<T>& p) {
         T* dx_plane = p.dx + where.b[k] * p.ds.b + where.c[k] * p.ds.c;
         T* dx = dxa.target(dx_plane, dx_rows.data() + k * n);
         backward_plane_dx(x[k], dy[k], dx, n, mean[k], gate, gates.constant[k], coef, scratch.data() + k * n,
-                          p.stores);
+                          put);
         dxa.finish(dx_plane, dx);
       }
     }
-    p.stores.fence();
+    put.fence();
   });
 }
 
