@@ -109,28 +109,51 @@ struct OutputStores {
   }
 };
 
-// sigmoid(z) = 1 / (1 + exp(-z)). In float it uses ATen's exp_u20 (a short polynomial,
-// documented 20 ULP) rather than Sleef's exp (u10), and on AVX2/AVX-512 an approximate
-// reciprocal with one Newton step rather than a divide. With both (and the divide before
-// them: 4.2e-7 over every float z), measured through the op against float64 on 2^20 values
-// of z in [-87, 30] (AVX-512 and AVX2): worst relative error of x * sigmoid(x) 4.5e-7, the
-// product's rounding included, far inside the tests' float32 rtol of 1e-4. exp_u20 turns
-// NaN into a number, so a NaN z is passed through: a NaN plane (its mean) keeps a NaN
-// output. Double keeps u10 and the divide.
+#if defined(CPU_CAPABILITY_AVX512)
+// float sigmoid on AVX-512 from e = exp(-|z|), which lies in (0, 1] and never overflows:
+// sigmoid(z) = 1 / (1 + e) for z >= 0 and e / (1 + e) below. exp as 2^n * p(r) (n the
+// nearest integer to -|z| / ln 2, r the remainder, p a degree-5 polynomial fitted to e^r on
+// [-ln 2 / 2, ln 2 / 2] for relative error, 7.5e-8 in exact arithmetic), 2^n applied by
+// scalef, which underflows to 0 as the true value does; 1 / (1 + e) as rcp14 and one Newton
+// step. 17 instructions where at::vec's exp_u20 and the fix-ups its overflow needs took 27.
+// |z| is capped at 104 (e = 0 beyond it in float) so that infinities never meet; a NaN z
+// passes through every step (min returns its second operand when that is NaN), so a NaN
+// plane keeps a NaN output. Worst relative error 4.2e-7 over float z in [-87, 30] (float32
+// model of these steps against float64; the test suite's float32 rtol is 1e-4).
+inline __m512 sigmoid_avx512(__m512 z) {
+  const __m512 az = _mm512_min_ps(_mm512_set1_ps(104.f), _mm512_abs_ps(z));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(az, _mm512_set1_ps(-1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmsub_ps(n, _mm512_set1_ps(0.693147182f), az);  // -|z| - n ln 2
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0x1.0fe5c6p-7f), r, _mm512_set1_ps(0x1.575eeep-5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.555a18p-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.fffd1ap-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.fffff6p-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.000002p+0f));
+  const __m512 e = _mm512_scalef_ps(p, n);
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 d = _mm512_add_ps(one, e);
+  const __m512 r0 = _mm512_rcp14_ps(d);
+  const __m512 s = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(d, r0, one), r0);
+  return _mm512_mask_mul_ps(s, _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ), e, s);
+}
+#endif
+
+// sigmoid(z) = 1 / (1 + exp(-z)). float on AVX-512: sigmoid_avx512. Other float: ATen's
+// exp_u20 (a short polynomial, documented 20 ULP) rather than Sleef's exp (u10), and on AVX2
+// an approximate reciprocal with one Newton step rather than a divide; measured through the
+// op against float64 on 2^20 values of z in [-87, 30]: worst relative error of x * sigmoid(x)
+// 4.5e-7, the product's rounding included. exp_u20 turns NaN into a number, so a NaN z is
+// passed through: a NaN plane (its mean) keeps a NaN output. Double keeps u10 and the divide.
 template <typename V>
 inline V vec_sigmoid(const V& z) {
   const V one(1);
   if constexpr (std::is_same_v<typename V::value_type, float>) {
-    const V d = one + z.neg().exp_u20();
 #if defined(CPU_CAPABILITY_AVX512)
-    // As on AVX2 (below), with the two fix-ups selected by mask registers: at::vec's comparisons
-    // return vector masks, which cost two more instructions each to use on AVX-512.
-    const __m512 r0 = _mm512_rcp14_ps(d);
-    const __m512 r = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(d, r0, one), r0);
-    const __m512 s = _mm512_maskz_mov_ps(
-        _mm512_cmp_ps_mask(d, _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_NEQ_UQ), r);
-    return _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q), z);
-#elif defined(CPU_CAPABILITY_AVX2)
+    return sigmoid_avx512(z);
+#else
+    const V d = one + z.neg().exp_u20();
+#if defined(CPU_CAPABILITY_AVX2)
     // 1 / d as an approximate reciprocal and one Newton step (a divide is the slowest
     // instruction of the gate); d = inf (z below about -88) has the limit 0.
     const V r0 = _mm256_rcp_ps(d);
@@ -140,6 +163,7 @@ inline V vec_sigmoid(const V& z) {
     const V s = one / d;
 #endif
     return V::blendv(s, z, z.isnan());
+#endif
   } else {
     return one / (one + z.neg().exp());
   }
