@@ -93,12 +93,13 @@ def test_a_native_forward_is_differentiated_by_another_backend():
 
 
 # Shapes that reach every vector path: planes longer than the 4-vector unrolled loop with a
-# tail, channels_last tasks of several vectors per half with a partial last vector, pair
-# counts below one vector, single-row and single-column planes.
+# tail, channels_last images of several pair vectors with a partial last one, an odd number of
+# positions (the statistics' even/odd chains), pair counts below one vector, single-row and
+# single-column planes.
 PATH_SHAPES = [
     (1, 8, 61, 67, 2),     # NCHW planes of 4087 elements: unrolled loop plus a tail
-    (2, 160, 6, 5, 4),     # channels_last: C/2 = 80 pairs, tasks of several vectors, a partial one
-    (3, 520, 2, 3, 13),    # channels_last: C/2 = 260, many tasks per image
+    (2, 160, 6, 5, 4),     # channels_last: C/2 = 80 pairs, several vectors, a partial one
+    (3, 520, 3, 3, 13),    # channels_last: C/2 = 260, many tasks per image; 9 positions
     (2, 12, 9, 1, 3),      # C/2 = 6 pairs, less than one vector; W = 1
     (2, 12, 1, 9, 3),      # H = 1
 ]
@@ -164,7 +165,7 @@ def test_gates_far_into_both_tails_of_the_sigmoid(fmt, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_channels_last_backward_on_planes_too_large_to_keep_the_gates(dtype):
-    # The channels-last backward keeps the gates of pass 1 for pass 2 up to 4 MiB per task;
+    # The channels-last backward keeps the gates of pass 1 for pass 2 up to 4 MiB per vector;
     # 201 x 203 positions x 2 x 16 pairs of float (or x 8 of double) is past that: recomputed.
     ref = random_reference(32, 2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     x = random_input((1, 32, 201, 203), dtype, "cpu", torch.channels_last)

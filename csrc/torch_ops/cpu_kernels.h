@@ -13,8 +13,9 @@
 //    plane; one pass for the statistics (shifted sums), one for the gated output, both
 //    over a plane that stays in cache between them. Backward: one pass for the plane sums
 //    (keeping the gate in a scratch row), one for dx.
-//  * channels_last: a task owns channel pairs (j, C/2 + j) of one image, vectorised along
-//    channels, whose outputs 2j, 2j + 1 are adjacent (interleaved stores).
+//  * channels_last: a task owns one vector of channel pairs (j, C/2 + j) of one image,
+//    vectorised along channels, whose outputs 2j, 2j + 1 are adjacent (interleaved
+//    stores); two passes over its slice of the image (H x W x 2 vectors), as for planes.
 //  * anything else (sliced, permuted, expanded gradients, mixed layouts): the plane path
 //    on planes gathered into (and scattered from) a contiguous row.
 #pragma once
@@ -45,12 +46,7 @@ using plane_math::Params;
 
 // Work per parallel task: enough that threading pays for itself on small inputs.
 constexpr int64_t kGrainElements = 32768;
-// Channels-last tasks keep at most this many vectors per half in registers.
-constexpr int kMaxVectorsPerHalf = 4;
-// A channels-last task's slice of the image (H * W * 2 * pairs elements) should stay in
-// the core's cache between its statistics pass and its output pass.
-constexpr int64_t kTaskCacheBytes = 512 * 1024;
-// The channels-last backward keeps a task's gates between its passes up to this size per thread.
+// The channels-last backward keeps a vector's gates between its passes up to this size per thread.
 constexpr int64_t kMaxKeptGateBytes = 4 * 1024 * 1024;
 
 // Planes are taken a block at a time: the statistics of all of them, then their gates,
@@ -426,43 +422,6 @@ void forward_planes(const ForwardArgs<T>& p) {
   });
 }
 
-// Channels-last work split: tasks of `vectors` vectors of pairs (per half) per image.
-struct ChannelsLastSplit {
-  int64_t pairs_per_task, tasks_per_image;
-};
-
-template <typename T>
-ChannelsLastSplit channels_last_split(const Geometry& g) {
-  constexpr int64_t N = Lanes<T>::kSize;
-  const int64_t half_c = g.channels / 2;
-  const int64_t threads = at::get_num_threads();
-  int64_t vectors = kMaxVectorsPerHalf;
-  while (vectors > 1 &&
-         (g.hw() * 2 * vectors * N * int64_t(sizeof(T)) > kTaskCacheBytes ||
-          g.batch * ceil_div(half_c, vectors * N) < 2 * threads)) {
-    --vectors;
-  }
-  const int64_t pairs = vectors * N;
-  return {pairs, ceil_div(half_c, pairs)};
-}
-
-// The vectors a channels-last task owns: vector v covers pairs [j0 + v N, j0 + v N + count).
-struct PairBlock {
-  int64_t j0, vectors;
-  int64_t counts[kMaxVectorsPerHalf];
-};
-
-template <typename T>
-PairBlock pair_block(int64_t block, const ChannelsLastSplit& split, int64_t half_c) {
-  constexpr int64_t N = Lanes<T>::kSize;
-  PairBlock r;
-  r.j0 = block * split.pairs_per_task;
-  const int64_t pairs = std::min(split.pairs_per_task, half_c - r.j0);
-  r.vectors = ceil_div(pairs, N);
-  for (int64_t v = 0; v < r.vectors; ++v) r.counts[v] = std::min(N, pairs - v * N);
-  return r;
-}
-
 // Stores y0 (channel 2j) and y1 (channel 2j + 1) of `count` pairs interleaved at `out`.
 template <typename T>
 inline void store_pairs(T* out, const typename Lanes<T>::V& y0, const typename Lanes<T>::V& y1,
@@ -518,14 +477,37 @@ class PairGates {
     }
   }
 
-  // s[h] = sigmoid(alpha (x - mean) + beta), given xc[h] = x - mean.
-  void gates(const V (&xc)[2], V (&s)[2]) const {
-    auto z = [&](int h) { return at::vec::fmadd(alpha[h], xc[h], beta_[h]); };
+  // Calls body(gate) once, where gate(xc, s) sets s[h] = sigmoid(alpha (x - mean) + beta)
+  // given xc[h] = x - mean: a closure of its own for each mix of branches, so that the
+  // caller's loop over positions (inside body) carries no branch on the mix.
+  template <typename Body>
+  void with_gates(Body&& body) const {
+    auto z = [this](const V (&xc)[2], int h) { return at::vec::fmadd(alpha[h], xc[h], beta_[h]); };
     if (packed_) {
-      packer_.unpack(vec_sigmoid(packer_.pack(z(0), z(1))), constant_[0], constant_[1], s[0], s[1]);
-      return;
+      body([&](const V (&xc)[2], V (&s)[2]) {
+        packer_.unpack(vec_sigmoid(packer_.pack(z(xc, 0), z(xc, 1))), constant_[0], constant_[1], s[0], s[1]);
+      });
+    } else if (any_spatial_[0] && any_spatial_[1]) {
+      body([&](const V (&xc)[2], V (&s)[2]) {
+        s[0] = vec_sigmoid(z(xc, 0));
+        s[1] = vec_sigmoid(z(xc, 1));
+      });
+    } else if (any_spatial_[0]) {
+      body([&](const V (&xc)[2], V (&s)[2]) {
+        s[0] = vec_sigmoid(z(xc, 0));
+        s[1] = constant_[1];
+      });
+    } else if (any_spatial_[1]) {
+      body([&](const V (&xc)[2], V (&s)[2]) {
+        s[0] = constant_[0];
+        s[1] = vec_sigmoid(z(xc, 1));
+      });
+    } else {
+      body([&](const V (&)[2], V (&s)[2]) {
+        s[0] = constant_[0];
+        s[1] = constant_[1];
+      });
     }
-    for (int h = 0; h < 2; ++h) s[h] = any_spatial_[h] ? vec_sigmoid(z(h)) : constant_[h];
   }
 
  private:
@@ -535,86 +517,140 @@ class PairGates {
   LanePacker<V> packer_;
 };
 
-// Runs body(b, blk) for each channels-last task, a batch index and a block of pairs, in
-// parallel; a task owns its pairs' statistics whole, so no merge across threads is needed.
-template <typename T, typename Body>
-void parallel_over_pair_blocks(const Geometry& g, const Body& body) {
+// Runs task(b, c, count) for each vector of channel pairs of each image, in parallel: image
+// b's channels c[0] + l (first half) and c[1] + l (second half), l < count. A task owns its
+// channels' statistics whole, so no merge across threads is needed.
+template <typename T, typename Task>
+void parallel_over_pair_vectors(const Geometry& g, const Task& task) {
+  constexpr int64_t N = Lanes<T>::kSize;
   const int64_t half_c = g.channels / 2;
-  const ChannelsLastSplit split = channels_last_split<T>(g);
-  const int64_t tasks = g.batch * split.tasks_per_image;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / (g.hw() * 2 * split.pairs_per_task));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+  const int64_t per_image = ceil_div(half_c, N);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (g.hw() * 2 * N));
+  at::parallel_for(0, g.batch * per_image, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      body(t / split.tasks_per_image, pair_block<T>(t % split.tasks_per_image, split, half_c));
+      const int64_t j = (t % per_image) * N;
+      const int64_t c[2] = {j, half_c + j};
+      task(t / per_image, c, std::min(N, half_c - j));
     }
   });
 }
 
+// A channels-last pass reads a vector (one or two cache lines) per half from each position,
+// rows of C channels apart: a stride the hardware prefetchers follow too late when the
+// image is not in cache. The first pass asks for its rows this many positions ahead.
+constexpr int64_t kPrefetchRows = 16;
+
+template <typename T>
+inline void prefetch_pair(const T* row, const int64_t (&c)[2]) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  for (int h = 0; h < 2; ++h) _mm_prefetch(reinterpret_cast<const char*>(row + c[h]), _MM_HINT_T0);
+#endif
+}
+
+// One load of a channels-last vector: all kSize lanes (kFull, known at compile time) or
+// the first `count`.
+template <typename T, bool kFull>
+inline typename Lanes<T>::V load_lanes(const T* p, int64_t count) {
+  if constexpr (kFull) {
+    return Lanes<T>::load(p);
+  } else {
+    return load_count(p, count);
+  }
+}
+
+// The gates of one channels-last vector of pairs of image b (lanes: channels c[h] + l, l <
+// count, of half h) from their statistics.
+template <typename A>
+PairGates<at::vec::Vectorized<A>> pair_gates(const Params<A>& params, const A* mean, const A* rstd,
+                                             const int64_t (&c)[2], int64_t count) {
+  LaneGates<A> lanes[2];
+  for (int h = 0; h < 2; ++h) {
+    for (int64_t l = 0; l < count; ++l) lanes[h].set(l, params, c[h] + l, mean[c[h] + l], rstd[c[h] + l]);
+  }
+  return PairGates<at::vec::Vectorized<A>>(lanes[0], lanes[1]);
+}
+
+// Statistics, then gated output, of one vector of channel pairs (j, C/2 + j) of image b:
+// channels c[h] + l (l < count) of half h. The vector's slice of the image, read in both
+// passes, stays in the core's cache between them; each loop over positions keeps its
+// accumulators and gates in registers.
+template <typename T, bool kFull>
+void forward_pair_vector(const ForwardArgs<T>& p, int64_t b, const int64_t (&c)[2], int64_t count) {
+  using V = typename Lanes<T>::V;
+  using A = acc_t<T>;
+  constexpr int64_t N = Lanes<T>::kSize;
+  const int64_t C = p.geo.channels, n = p.geo.hw();
+  const T* x = p.x + b * p.xs.b;
+  auto load = [count](const T* q) { return load_lanes<T, kFull>(q, count); };
+
+  // Statistics: shifted sums per channel lane; even and odd positions in order, then added
+  // (two chains per sum: a lone chain of dependent adds bounds the loop on small planes).
+  // Named accumulators, not arrays: GCC kept an array's element in memory, a store-to-load
+  // chain per position.
+  const V shift[2] = {load(x + c[0]), load(x + c[1])};
+  V e1_0(A(0)), e2_0(A(0)), e1_1(A(0)), e2_1(A(0));  // even positions
+  V o1_0(A(0)), o2_0(A(0)), o1_1(A(0)), o2_1(A(0));  // odd positions
+  auto add = [&](const T* row, V& s1_0, V& s2_0, V& s1_1, V& s2_1) {
+    const V d0 = load(row + c[0]) - shift[0];
+    const V d1 = load(row + c[1]) - shift[1];
+    s1_0 += d0;
+    s2_0 = at::vec::fmadd(d0, d0, s2_0);
+    s1_1 += d1;
+    s2_1 = at::vec::fmadd(d1, d1, s2_1);
+  };
+  int64_t pos = 0;
+  for (; pos + 2 <= n; pos += 2) {
+    const T* row = x + pos * C;
+    if (pos + kPrefetchRows + 1 < n) {
+      prefetch_pair(row + kPrefetchRows * C, c);
+      prefetch_pair(row + (kPrefetchRows + 1) * C, c);
+    }
+    add(row, e1_0, e2_0, e1_1, e2_1);
+    add(row + C, o1_0, o2_0, o1_1, o2_1);
+  }
+  if (pos < n) add(x + pos * C, e1_0, e2_0, e1_1, e2_1);
+  const V s1[2] = {e1_0 + o1_0, e1_1 + o1_1}, s2[2] = {e2_0 + o2_0, e2_1 + o2_1};
+  A* mean = p.mean + b * C;
+  A* rstd = p.rstd + b * C;
+  for (int h = 0; h < 2; ++h) {
+    A k[N], a1[N], a2[N];
+    shift[h].store(k);
+    s1[h].store(a1);
+    s2[h].store(a2);
+    block_moments(k, a1, a2, count, n, p.eps, mean + c[h], rstd + c[h]);
+  }
+
+  // Output: gate each pair and store it interleaved at channels 2j, 2j + 1.
+  const PairGates<V> gates = pair_gates(p.params, mean, rstd, c, count);
+  T* out = p.out + b * p.os.b + 2 * c[0];
+  gates.with_gates([&](const auto& gate) {
+    for (int64_t pos = 0; pos < n; ++pos) {
+      const T* row = x + pos * C;
+      V xv[2], xc[2], s[2];
+      for (int h = 0; h < 2; ++h) {
+        xv[h] = load(row + c[h]);
+        xc[h] = xv[h] - gates.mean[h];
+      }
+      gate(xc, s);
+      store_pairs<T>(out + pos * C, xv[0] * s[0], xv[1] * s[1], kFull ? N : count, p.stores);
+    }
+  });
+}
+
+// Calls f(std::bool_constant<full>) for a vector of `count` lanes: full when count is all of them.
+template <typename T, typename F>
+inline void with_full(int64_t count, F&& f) {
+  if (count == Lanes<T>::kSize) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 template <typename T>
 void forward_channels_last(const ForwardArgs<T>& p) {
-  using L = Lanes<T>;
-  using V = typename L::V;
-  using A = acc_t<T>;
-  constexpr int64_t N = L::kSize;
-  const Geometry& g = p.geo;
-  const int64_t half_c = g.channels / 2;
-  const int64_t n = g.hw();
-  parallel_over_pair_blocks<T>(g, [&](int64_t b, const PairBlock& blk) {
-    const T* x = p.x + b * p.xs.b;
-    T* out = p.out + b * p.os.b;
-    const int64_t first[2] = {blk.j0, half_c + blk.j0};  // first input channel per half
-
-    // Statistics: shifted sums per channel lane, positions in order.
-    V shift[2][kMaxVectorsPerHalf], s1[2][kMaxVectorsPerHalf], s2[2][kMaxVectorsPerHalf];
-    for (int h = 0; h < 2; ++h) {
-      for (int64_t v = 0; v < blk.vectors; ++v) {
-        shift[h][v] = load_count(x + first[h] + v * N, blk.counts[v]);
-        s1[h][v] = s2[h][v] = V(A(0));
-      }
-    }
-    for (int64_t pos = 0; pos < n; ++pos) {
-      const T* row = x + pos * g.channels;
-      for (int h = 0; h < 2; ++h) {
-        for (int64_t v = 0; v < blk.vectors; ++v) {
-          const V d = load_count(row + first[h] + v * N, blk.counts[v]) - shift[h][v];
-          s1[h][v] += d;
-          s2[h][v] = at::vec::fmadd(d, d, s2[h][v]);
-        }
-      }
-    }
-    LaneGates<A> lanes[2][kMaxVectorsPerHalf];
-    for (int h = 0; h < 2; ++h) {
-      for (int64_t v = 0; v < blk.vectors; ++v) {
-        A k[N], a1[N], a2[N], mean[N], rstd[N];
-        shift[h][v].store(k);
-        s1[h][v].store(a1);
-        s2[h][v].store(a2);
-        block_moments(k, a1, a2, blk.counts[v], n, p.eps, mean, rstd);
-        for (int64_t l = 0; l < blk.counts[v]; ++l) {
-          const int64_t c = first[h] + v * N + l;
-          p.mean[b * g.channels + c] = mean[l];
-          p.rstd[b * g.channels + c] = rstd[l];
-          lanes[h][v].set(l, p.params, c, mean[l], rstd[l]);
-        }
-      }
-    }
-
-    // Output: gate each pair and store it interleaved at channels 2j, 2j + 1.
-    PairGates<V> gates[kMaxVectorsPerHalf];
-    for (int64_t v = 0; v < blk.vectors; ++v) gates[v] = PairGates<V>(lanes[0][v], lanes[1][v]);
-    for (int64_t pos = 0; pos < n; ++pos) {
-      const T* row = x + pos * g.channels;
-      T* orow = out + pos * g.channels + 2 * blk.j0;
-      for (int64_t v = 0; v < blk.vectors; ++v) {
-        V xv[2], xc[2], s[2];
-        for (int h = 0; h < 2; ++h) {
-          xv[h] = load_count(row + first[h] + v * N, blk.counts[v]);
-          xc[h] = xv[h] - gates[v].mean[h];
-        }
-        gates[v].gates(xc, s);
-        store_pairs<T>(orow + 2 * v * N, xv[0] * s[0], xv[1] * s[1], blk.counts[v], p.stores);
-      }
-    }
+  parallel_over_pair_vectors<T>(p.geo, [&](int64_t b, const int64_t (&c)[2], int64_t count) {
+    with_full<T>(count, [&](auto full) { forward_pair_vector<T, decltype(full)::value>(p, b, c, count); });
     p.stores.fence();
   });
 }
@@ -696,123 +732,138 @@ void backward_planes(const BackwardArgs<T>& p) {
   });
 }
 
+// Backward of one vector of channel pairs of image b (channels c[h] + l, l < count, of half
+// h), in two passes over its slice of the image, as forward_pair_vector. `kept` (2 N values
+// per position, or null) keeps pass 1's gates for pass 2: a sigmoid costs more than a store
+// and a load.
+template <typename T, bool kFull>
+void backward_pair_vector(const BackwardArgs<T>& p, int64_t b, const int64_t (&c)[2], int64_t count,
+                          acc_t<T>* kept) {
+  using V = typename Lanes<T>::V;
+  using A = acc_t<T>;
+  constexpr int64_t N = Lanes<T>::kSize;
+  const int64_t C = p.geo.channels, n = p.geo.hw();
+  const T* x = p.x + b * p.xs.b;
+  const T* dy = p.grad_out + b * p.gs.b + 2 * c[0];
+  T* dx = p.dx + b * p.ds.b;
+  const A* mean = p.mean + b * C;
+  const A* rstd = p.rstd + b * C;
+  const V one(A(1));
+  auto load = [count](const T* q) { return load_lanes<T, kFull>(q, count); };
+  const PairGates<V> gates = pair_gates(p.params, mean, rstd, c, count);
+
+  // The upstream gradient of pair j sits interleaved at output channels 2j, 2j + 1.
+  auto load_dy = [&](int64_t pos, V (&out)[2]) {
+    const T* src = dy + pos * C;
+    V lo, hi;
+    if constexpr (kFull) {
+      lo = Lanes<T>::load(src);
+      hi = Lanes<T>::load(src + N);
+    } else {
+      lo = load_count(src, std::min(N, 2 * count));
+      hi = 2 * count > N ? load_count(src + N, 2 * count - N) : V(A(0));
+    }
+    std::tie(out[0], out[1]) = at::vec::deinterleave2(lo, hi);
+  };
+  // x at one position, and x - mean.
+  auto load_centred = [&](int64_t pos, V (&xv)[2], V (&xc)[2]) {
+    for (int h = 0; h < 2; ++h) {
+      xv[h] = load(x + pos * C + c[h]);
+      xc[h] = xv[h] - gates.mean[h];
+    }
+  };
+
+  // Pass 1: plane sums S1 = sum(dt) and sum(dt * (x - mean)) per channel lane (named
+  // accumulators, as in forward_pair_vector).
+  V acc1[2], acc2[2];
+  gates.with_gates([&](const auto& gate) {
+    V a1_0(A(0)), a2_0(A(0)), a1_1(A(0)), a2_1(A(0));
+    for (int64_t pos = 0; pos < n; ++pos) {
+      if (pos + kPrefetchRows < n) {
+        prefetch_pair(x + (pos + kPrefetchRows) * C, c);
+        const int64_t dc[2] = {0, 2 * count > N ? N : 0};
+        prefetch_pair(dy + (pos + kPrefetchRows) * C, dc);
+      }
+      V d[2], xv[2], xc[2], s[2];
+      load_dy(pos, d);
+      load_centred(pos, xv, xc);
+      gate(xc, s);
+      if (kept) {
+        s[0].store(kept + 2 * pos * N);
+        s[1].store(kept + (2 * pos + 1) * N);
+      }
+      const V dt0 = d[0] * xv[0] * s[0] * (one - s[0]);
+      const V dt1 = d[1] * xv[1] * s[1] * (one - s[1]);
+      a1_0 += dt0;
+      a2_0 = at::vec::fmadd(dt0, xc[0], a2_0);
+      a1_1 += dt1;
+      a2_1 = at::vec::fmadd(dt1, xc[1], a2_1);
+    }
+    acc1[0] = a1_0;
+    acc1[1] = a1_1;
+    acc2[0] = a2_0;
+    acc2[1] = a2_1;
+  });
+  V vk0[2], vk1[2];
+  for (int h = 0; h < 2; ++h) {
+    A a1[N], a2[N], k0[N] = {}, k1[N] = {};
+    acc1[h].store(a1);
+    acc2[h].store(a2);
+    for (int64_t l = 0; l < count; ++l) {
+      const int64_t ch = c[h] + l;
+      const A s2 = a2[l] * rstd[ch];
+      const auto gate = plane_math::plane_gate<A>(p.params, ch, mean[ch], rstd[ch]);
+      const auto coef = plane_math::grad_coefficients(p.params, gate, rstd[ch], a1[l], s2, A(1) / A(n));
+      plane_math::plane_partials(p.partials + 2 * (b * C + ch), gate.spatial, a1[l], s2, mean[ch]);
+      k0[l] = coef.k0;
+      k1[l] = coef.k1;
+    }
+    vk0[h] = V::loadu(k0);
+    vk1[h] = V::loadu(k1);
+  }
+
+  // Pass 2: dx = dy * s + alpha * dt + k0 + k1 * (x - mean).
+  auto write_dx = [&](int64_t pos, const V (&d)[2], const V (&xv)[2], const V (&xc)[2], const V (&s)[2]) {
+    for (int h = 0; h < 2; ++h) {
+      const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
+      const V r = at::vec::fmadd(d[h], s[h], at::vec::fmadd(gates.alpha[h], dt, at::vec::fmadd(vk1[h], xc[h], vk0[h])));
+      p.stores(dx + pos * C + c[h], r, kFull ? N : count);
+    }
+  };
+  if (kept) {
+    for (int64_t pos = 0; pos < n; ++pos) {
+      V d[2], xv[2], xc[2];
+      load_dy(pos, d);
+      load_centred(pos, xv, xc);
+      const V s[2] = {V::loadu(kept + 2 * pos * N), V::loadu(kept + (2 * pos + 1) * N)};
+      write_dx(pos, d, xv, xc, s);
+    }
+  } else {
+    gates.with_gates([&](const auto& gate) {
+      for (int64_t pos = 0; pos < n; ++pos) {
+        V d[2], xv[2], xc[2], s[2];
+        load_dy(pos, d);
+        load_centred(pos, xv, xc);
+        gate(xc, s);
+        write_dx(pos, d, xv, xc, s);
+      }
+    });
+  }
+}
+
 template <typename T>
 void backward_channels_last(const BackwardArgs<T>& p) {
-  using L = Lanes<T>;
-  using V = typename L::V;
   using A = acc_t<T>;
-  constexpr int64_t N = L::kSize;
-  const Geometry& g = p.geo;
-  const int64_t half_c = g.channels / 2;
-  const int64_t n = g.hw();
-  const V one(A(1));
-  // Pass 1 keeps every gate it computes for pass 2 (a sigmoid costs more than a store and a
-  // load): per thread, H * W positions x 2 halves x the task's pairs, as many values as the
-  // task's slice of x, which channels_last_split sizes to stay in the core's cache.
-  // Very large planes (a slice past the cache anyway) recompute them instead.
-  const int64_t task_gates = n * 2 * channels_last_split<T>(g).pairs_per_task;
-  const bool keep = task_gates * int64_t(sizeof(A)) <= kMaxKeptGateBytes;
-  std::vector<A> gate_scratch(keep ? task_gates * at::get_num_threads() : 0);
-  parallel_over_pair_blocks<T>(g, [&](int64_t b, const PairBlock& blk) {
-    const T* x = p.x + b * p.xs.b;
-    const T* dy = p.grad_out + b * p.gs.b;
-    T* dx = p.dx + b * p.ds.b;
-    const int64_t first[2] = {blk.j0, half_c + blk.j0};
-    A* kept = keep ? gate_scratch.data() + at::get_thread_num() * task_gates : nullptr;  // [pos][v][h][lane]
-
-    PairGates<V> gates[kMaxVectorsPerHalf];
-    for (int64_t v = 0; v < blk.vectors; ++v) {
-      LaneGates<A> lanes[2];
-      for (int h = 0; h < 2; ++h) {
-        for (int64_t l = 0; l < blk.counts[v]; ++l) {
-          const int64_t c = first[h] + v * N + l, q = b * g.channels + c;
-          lanes[h].set(l, p.params, c, p.mean[q], p.rstd[q]);
-        }
-      }
-      gates[v] = PairGates<V>(lanes[0], lanes[1]);
-    }
-
-    // The upstream gradient of pair j sits interleaved at output channels 2j, 2j + 1.
-    auto load_dy = [&](const T* row, int64_t v, V (&out)[2]) {
-      const T* src = row + 2 * (blk.j0 + v * N);
-      const int64_t count = 2 * blk.counts[v];
-      const V lo = load_count(src, std::min(N, count));
-      const V hi = count > N ? load_count(src + N, count - N) : V(A(0));
-      const auto d = at::vec::deinterleave2(lo, hi);
-      out[0] = std::get<0>(d);
-      out[1] = std::get<1>(d);
-    };
-
-    // x of vector v of both halves at one position, and x - mean.
-    auto load_centred = [&](const T* row, int64_t v, V (&xv)[2], V (&xc)[2]) {
-      for (int h = 0; h < 2; ++h) {
-        xv[h] = load_count(row + first[h] + v * N, blk.counts[v]);
-        xc[h] = xv[h] - gates[v].mean[h];
-      }
-    };
-
-    // Pass 1: plane sums S1 = sum(dt) and sum(dt * (x - mean)) per channel lane.
-    V acc1[2][kMaxVectorsPerHalf], acc2[2][kMaxVectorsPerHalf];
-    for (int h = 0; h < 2; ++h) {
-      for (int64_t v = 0; v < blk.vectors; ++v) acc1[h][v] = acc2[h][v] = V(A(0));
-    }
-    for (int64_t pos = 0; pos < n; ++pos) {
-      const T* row = x + pos * g.channels;
-      for (int64_t v = 0; v < blk.vectors; ++v) {
-        V d[2], xv[2], xc[2], s[2];
-        load_dy(dy + pos * g.channels, v, d);
-        load_centred(row, v, xv, xc);
-        gates[v].gates(xc, s);
-        for (int h = 0; h < 2; ++h) {
-          if (keep) s[h].store(kept + ((pos * blk.vectors + v) * 2 + h) * N);
-          const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
-          acc1[h][v] += dt;
-          acc2[h][v] = at::vec::fmadd(dt, xc[h], acc2[h][v]);
-        }
-      }
-    }
-    V vk0[2][kMaxVectorsPerHalf], vk1[2][kMaxVectorsPerHalf];
-    for (int h = 0; h < 2; ++h) {
-      for (int64_t v = 0; v < blk.vectors; ++v) {
-        A a1[N], a2[N], k0[N] = {}, k1[N] = {};
-        acc1[h][v].store(a1);
-        acc2[h][v].store(a2);
-        for (int64_t l = 0; l < blk.counts[v]; ++l) {
-          const int64_t c = first[h] + v * N + l;
-          const int64_t q = b * g.channels + c;
-          const A rstd = p.rstd[q];
-          const A s2 = a2[l] * rstd;
-          const auto gate = plane_math::plane_gate<A>(p.params, c, p.mean[q], rstd);
-          const auto coef = plane_math::grad_coefficients(p.params, gate, rstd, a1[l], s2, A(1) / A(n));
-          plane_math::plane_partials(p.partials + 2 * q, gate.spatial, a1[l], s2, p.mean[q]);
-          k0[l] = coef.k0;
-          k1[l] = coef.k1;
-        }
-        vk0[h][v] = V::loadu(k0);
-        vk1[h][v] = V::loadu(k1);
-      }
-    }
-
-    // Pass 2: dx = dy * s + alpha * dt + k0 + k1 * (x - mean).
-    for (int64_t pos = 0; pos < n; ++pos) {
-      const T* row = x + pos * g.channels;
-      T* drow = dx + pos * g.channels;
-      for (int64_t v = 0; v < blk.vectors; ++v) {
-        V d[2], xv[2], xc[2], s[2];
-        load_dy(dy + pos * g.channels, v, d);
-        load_centred(row, v, xv, xc);
-        if (keep) {
-          for (int h = 0; h < 2; ++h) s[h] = V::loadu(kept + ((pos * blk.vectors + v) * 2 + h) * N);
-        } else {
-          gates[v].gates(xc, s);
-        }
-        for (int h = 0; h < 2; ++h) {
-          const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
-          const V r = at::vec::fmadd(d[h], s[h], at::vec::fmadd(gates[v].alpha[h], dt, at::vec::fmadd(vk1[h][v], xc[h], vk0[h][v])));
-          p.stores(drow + first[h] + v * N, r, blk.counts[v]);
-        }
-      }
-    }
+  constexpr int64_t N = Lanes<T>::kSize;
+  const int64_t half_c = p.geo.channels / 2;
+  // Gates kept between the passes, per thread: H * W positions x 2 halves x one vector, up
+  // to kMaxKeptGateBytes; very large planes (whose slice leaves the cache anyway) recompute them.
+  const int64_t vector_gates = p.geo.hw() * 2 * N;
+  const bool keep = vector_gates * int64_t(sizeof(A)) <= kMaxKeptGateBytes;
+  std::vector<A> gate_scratch(keep ? vector_gates * at::get_num_threads() : 0);
+  parallel_over_pair_vectors<T>(p.geo, [&](int64_t b, const int64_t (&c)[2], int64_t count) {
+    A* kept = keep ? gate_scratch.data() + at::get_thread_num() * vector_gates : nullptr;
+    with_full<T>(count, [&](auto full) { backward_pair_vector<T, decltype(full)::value>(p, b, c, count, kept); });
     p.stores.fence();
   });
 }

@@ -11,6 +11,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/vec_convert.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -55,7 +56,7 @@ struct Lanes {
   // them: no read for ownership of the line it fills. p must be aligned to kStoreBytes.
   // Where the ISA has no such store (the default capability), an ordinary one.
   static constexpr int64_t kStoreBytes = kSize * int64_t(sizeof(T));
-  static void stream(T* p, const V& v) {
+  C10_ALWAYS_INLINE static void stream(T* p, const V& v) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (kReduced<T>) {
       _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(at::vec::convert<T>(v)));
@@ -77,7 +78,7 @@ struct Lanes {
 #endif
   }
 
-  static void store(T* p, const V& v, int64_t n = kSize) {
+  C10_ALWAYS_INLINE static void store(T* p, const V& v, int64_t n = kSize) {
     if constexpr (kReduced<T>) {
       at::vec::convert<T>(v).store(p, int(n));  // rounds to nearest even, into the low half
     } else {
@@ -87,13 +88,14 @@ struct Lanes {
 };
 
 // Where a kernel writes its output: ordinary stores, or (stream) non-temporal ones for
-// full, aligned vectors. A thread that streamed calls fence() before its writes may be
+// full, aligned vectors. Always inlined: GCC called it out of line from the channels-last
+// loops, with both vectors passed through memory. A thread that streamed calls fence() before its writes may be
 // read by another thread.
 template <typename T>
 struct OutputStores {
   bool stream = false;
 
-  void operator()(T* p, const typename Lanes<T>::V& v, int64_t count) const {
+  C10_ALWAYS_INLINE void operator()(T* p, const typename Lanes<T>::V& v, int64_t count) const {
     if (stream && count == Lanes<T>::kSize &&
         reinterpret_cast<uintptr_t>(p) % Lanes<T>::kStoreBytes == 0) {
       Lanes<T>::stream(p, v);
@@ -120,7 +122,7 @@ struct OutputStores {
 // passes through every step (min returns its second operand when that is NaN), so a NaN
 // plane keeps a NaN output. Worst relative error 4.2e-7 over float z in [-87, 30] (float32
 // model of these steps against float64; the test suite's float32 rtol is 1e-4).
-inline __m512 sigmoid_avx512(__m512 z) {
+C10_ALWAYS_INLINE __m512 sigmoid_avx512(__m512 z) {
   const __m512 az = _mm512_min_ps(_mm512_set1_ps(104.f), _mm512_abs_ps(z));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(az, _mm512_set1_ps(-1.44269504f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -139,14 +141,15 @@ inline __m512 sigmoid_avx512(__m512 z) {
 }
 #endif
 
-// sigmoid(z) = 1 / (1 + exp(-z)). float on AVX-512: sigmoid_avx512. Other float: ATen's
+// sigmoid(z) = 1 / (1 + exp(-z)), always inlined (GCC called it out of line from loops,
+// through the PLT). float on AVX-512: sigmoid_avx512. Other float: ATen's
 // exp_u20 (a short polynomial, documented 20 ULP) rather than Sleef's exp (u10), and on AVX2
 // an approximate reciprocal with one Newton step rather than a divide; measured through the
 // op against float64 on 2^20 values of z in [-87, 30]: worst relative error of x * sigmoid(x)
 // 4.5e-7, the product's rounding included. exp_u20 turns NaN into a number, so a NaN z is
 // passed through: a NaN plane (its mean) keeps a NaN output. Double keeps u10 and the divide.
 template <typename V>
-inline V vec_sigmoid(const V& z) {
+C10_ALWAYS_INLINE V vec_sigmoid(const V& z) {
   const V one(1);
   if constexpr (std::is_same_v<typename V::value_type, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -271,7 +274,7 @@ inline void LanePacker<V>::prepare() {
 }
 
 template <typename V>
-inline V LanePacker<V>::pack(const V& a, const V& b) const {
+C10_ALWAYS_INLINE V LanePacker<V>::pack(const V& a, const V& b) const {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (kHasPermutes) return _mm512_permutex2var_ps(a, pack_index_, b);
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -283,7 +286,7 @@ inline V LanePacker<V>::pack(const V& a, const V& b) const {
 }
 
 template <typename V>
-inline void LanePacker<V>::unpack(const V& packed, const V& fill_a, const V& fill_b, V& a, V& b) const {
+C10_ALWAYS_INLINE void LanePacker<V>::unpack(const V& packed, const V& fill_a, const V& fill_b, V& a, V& b) const {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (kHasPermutes) {
     a = _mm512_mask_expand_ps(fill_a, lanes_a_, packed);
