@@ -424,7 +424,7 @@ void forward_planes(const ForwardArgs<T>& p) {
 
 // Stores y0 (channel 2j) and y1 (channel 2j + 1) of `count` pairs interleaved at `out`.
 template <typename T>
-inline void store_pairs(T* out, const typename Lanes<T>::V& y0, const typename Lanes<T>::V& y1,
+C10_ALWAYS_INLINE void store_pairs(T* out, const typename Lanes<T>::V& y0, const typename Lanes<T>::V& y1,
                         int64_t count, const OutputStores<T>& put) {
   constexpr int64_t N = Lanes<T>::kSize;
   const auto lo_hi = at::vec::interleave2(y0, y1);
@@ -482,28 +482,28 @@ class PairGates {
   // caller's loop over positions (inside body) carries no branch on the mix.
   template <typename Body>
   void with_gates(Body&& body) const {
-    auto z = [this](const V (&xc)[2], int h) { return at::vec::fmadd(alpha[h], xc[h], beta_[h]); };
+    auto z = [this](const V (&xc)[2], int h) C10_ALWAYS_INLINE_ATTRIBUTE { return at::vec::fmadd(alpha[h], xc[h], beta_[h]); };
     if (packed_) {
-      body([&](const V (&xc)[2], V (&s)[2]) {
+      body([&](const V (&xc)[2], V (&s)[2]) C10_ALWAYS_INLINE_ATTRIBUTE {
         packer_.unpack(vec_sigmoid(packer_.pack(z(xc, 0), z(xc, 1))), constant_[0], constant_[1], s[0], s[1]);
       });
     } else if (any_spatial_[0] && any_spatial_[1]) {
-      body([&](const V (&xc)[2], V (&s)[2]) {
+      body([&](const V (&xc)[2], V (&s)[2]) C10_ALWAYS_INLINE_ATTRIBUTE {
         s[0] = vec_sigmoid(z(xc, 0));
         s[1] = vec_sigmoid(z(xc, 1));
       });
     } else if (any_spatial_[0]) {
-      body([&](const V (&xc)[2], V (&s)[2]) {
+      body([&](const V (&xc)[2], V (&s)[2]) C10_ALWAYS_INLINE_ATTRIBUTE {
         s[0] = vec_sigmoid(z(xc, 0));
         s[1] = constant_[1];
       });
     } else if (any_spatial_[1]) {
-      body([&](const V (&xc)[2], V (&s)[2]) {
+      body([&](const V (&xc)[2], V (&s)[2]) C10_ALWAYS_INLINE_ATTRIBUTE {
         s[0] = constant_[0];
         s[1] = vec_sigmoid(z(xc, 1));
       });
     } else {
-      body([&](const V (&)[2], V (&s)[2]) {
+      body([&](const V (&)[2], V (&s)[2]) C10_ALWAYS_INLINE_ATTRIBUTE {
         s[0] = constant_[0];
         s[1] = constant_[1];
       });
@@ -581,7 +581,7 @@ void forward_pair_vector(const ForwardArgs<T>& p, int64_t b, const int64_t (&c)[
   constexpr int64_t N = Lanes<T>::kSize;
   const int64_t C = p.geo.channels, n = p.geo.hw();
   const T* x = p.x + b * p.xs.b;
-  auto load = [count](const T* q) { return load_lanes<T, kFull>(q, count); };
+  auto load = [count](const T* q) C10_ALWAYS_INLINE_ATTRIBUTE { return load_lanes<T, kFull>(q, count); };
 
   // Statistics: shifted sums per channel lane; even and odd positions in order, then added
   // (two chains per sum: a lone chain of dependent adds bounds the loop on small planes).
@@ -590,7 +590,7 @@ void forward_pair_vector(const ForwardArgs<T>& p, int64_t b, const int64_t (&c)[
   const V shift[2] = {load(x + c[0]), load(x + c[1])};
   V e1_0(A(0)), e2_0(A(0)), e1_1(A(0)), e2_1(A(0));  // even positions
   V o1_0(A(0)), o2_0(A(0)), o1_1(A(0)), o2_1(A(0));  // odd positions
-  auto add = [&](const T* row, V& s1_0, V& s2_0, V& s1_1, V& s2_1) {
+  auto add = [&](const T* row, V& s1_0, V& s2_0, V& s1_1, V& s2_1) C10_ALWAYS_INLINE_ATTRIBUTE {
     const V d0 = load(row + c[0]) - shift[0];
     const V d1 = load(row + c[1]) - shift[1];
     s1_0 += d0;
@@ -749,11 +749,11 @@ void backward_pair_vector(const BackwardArgs<T>& p, int64_t b, const int64_t (&c
   const A* mean = p.mean + b * C;
   const A* rstd = p.rstd + b * C;
   const V one(A(1));
-  auto load = [count](const T* q) { return load_lanes<T, kFull>(q, count); };
+  auto load = [count](const T* q) C10_ALWAYS_INLINE_ATTRIBUTE { return load_lanes<T, kFull>(q, count); };
   const PairGates<V> gates = pair_gates(p.params, mean, rstd, c, count);
 
   // The upstream gradient of pair j sits interleaved at output channels 2j, 2j + 1.
-  auto load_dy = [&](int64_t pos, V (&out)[2]) {
+  auto load_dy = [&](int64_t pos, V (&out)[2]) C10_ALWAYS_INLINE_ATTRIBUTE {
     const T* src = dy + pos * C;
     V lo, hi;
     if constexpr (kFull) {
@@ -766,7 +766,7 @@ void backward_pair_vector(const BackwardArgs<T>& p, int64_t b, const int64_t (&c
     std::tie(out[0], out[1]) = at::vec::deinterleave2(lo, hi);
   };
   // x at one position, and x - mean.
-  auto load_centred = [&](int64_t pos, V (&xv)[2], V (&xc)[2]) {
+  auto load_centred = [&](int64_t pos, V (&xv)[2], V (&xc)[2]) C10_ALWAYS_INLINE_ATTRIBUTE {
     for (int h = 0; h < 2; ++h) {
       xv[h] = load(x + pos * C + c[h]);
       xc[h] = xv[h] - gates.mean[h];
@@ -823,7 +823,7 @@ void backward_pair_vector(const BackwardArgs<T>& p, int64_t b, const int64_t (&c
   }
 
   // Pass 2: dx = dy * s + alpha * dt + k0 + k1 * (x - mean).
-  auto write_dx = [&](int64_t pos, const V (&d)[2], const V (&xv)[2], const V (&xc)[2], const V (&s)[2]) {
+  auto write_dx = [&](int64_t pos, const V (&d)[2], const V (&xv)[2], const V (&xc)[2], const V (&s)[2]) C10_ALWAYS_INLINE_ATTRIBUTE {
     for (int h = 0; h < 2; ++h) {
       const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
       const V r = at::vec::fmadd(d[h], s[h], at::vec::fmadd(gates.alpha[h], dt, at::vec::fmadd(vk1[h], xc[h], vk0[h])));

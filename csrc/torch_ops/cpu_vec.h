@@ -25,6 +25,35 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 template <typename T>
 constexpr bool kReduced = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Whether the CPU converts float to bfloat16 in one instruction (AVX512_BF16: Cooper Lake,
+// Sapphire Rapids, Zen 4 and later). Read once, when the module loads.
+#if defined(__GNUC__)
+inline const bool kCpuHasAvx512Bf16 = __builtin_cpu_supports("avx512bf16");
+#else
+inline const bool kCpuHasAvx512Bf16 = false;
+#endif
+
+// 16 floats as 16 elements of T (bfloat16 or float16), rounded to nearest even. bfloat16 in
+// software takes eight instructions (rounding bias, NaN check, narrowing); VCVTNEPS2BF16 does
+// it in one where the CPU has it, written as assembly because this module is compiled for
+// AVX-512 without AVX512_BF16 and runs on CPUs that lack it. The instruction flushes
+// results below 2^-126 (1.2e-38) in magnitude to zero, where software keeps the subnormal.
+template <typename T>
+C10_ALWAYS_INLINE __m256i reduced_bits(__m512 v) {
+#if defined(__GNUC__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (kCpuHasAvx512Bf16) {
+      __m256i r;
+      asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(v));
+      return r;
+    }
+  }
+#endif
+  return _mm512_castsi512_si256(at::vec::convert<T>(at::vec::Vectorized<float>(v)));
+}
+#endif
+
 // One vector of the accumulation type holds kSize consecutive elements of T.
 template <typename T>
 struct Lanes {
@@ -59,7 +88,7 @@ struct Lanes {
   C10_ALWAYS_INLINE static void stream(T* p, const V& v) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (kReduced<T>) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(at::vec::convert<T>(v)));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reduced_bits<T>(v));
     } else if constexpr (std::is_same_v<T, float>) {
       _mm512_stream_ps(p, v);
     } else {
@@ -80,7 +109,16 @@ struct Lanes {
 
   C10_ALWAYS_INLINE static void store(T* p, const V& v, int64_t n = kSize) {
     if constexpr (kReduced<T>) {
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m256i r = reduced_bits<T>(v);
+      if (n == kSize) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), r);
+      } else {
+        _mm256_mask_storeu_epi16(p, __mmask16((1u << n) - 1), r);
+      }
+#else
       at::vec::convert<T>(v).store(p, int(n));  // rounds to nearest even, into the low half
+#endif
     } else {
       v.store(p, int(n));
     }
