@@ -76,6 +76,17 @@ def cpu_cache_bytes():
     return None if module is None else module.last_level_cache_bytes()
 
 
+def cpu_bf16_instructions():
+    """Whether the CPU kernels convert float to bfloat16 with AVX512_BF16 instructions.
+
+    They do where torch runs AVX-512 kernels and the CPU has AVX512_BF16, unless
+    ``SA_KERNELS_CPU_BF16_INSTRUCTIONS=0`` (read once per process). The instruction flushes
+    results below 2**-126 in magnitude to zero, where the conversion in software keeps them.
+    """
+    module = _state["cpu_module"]
+    return module is not None and module.bf16_instructions()
+
+
 def unavailable_reason_ops():
     if ops_loaded():
         return None

@@ -248,28 +248,52 @@ def _streaming_cases():
     return results
 
 
-def _streaming_cases_in_a_child(tmp_path, cache_bytes):
-    """_streaming_cases() run by a process whose kernels take the cache to be cache_bytes."""
-    saved = tmp_path / f"cache-{cache_bytes}.pt"
+def _in_a_child(tmp_path, cases, env, check):
+    """cases() (a function of this file) run by a child process with env added to its
+    environment, after asserting `check` (a Python expression on sa_kernels._native) there."""
+    saved = tmp_path / f"{cases.__name__}-{len(list(tmp_path.iterdir()))}.pt"
     script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_native; "
-              "from sa_kernels import _native; assert _native.cpu_cache_bytes() == int(sys.argv[3]); "
-              "torch.save(test_native._streaming_cases(), sys.argv[2])")
-    env = dict(os.environ, SA_KERNELS_CPU_CACHE_BYTES=str(cache_bytes))
-    subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(saved), str(cache_bytes)],
-                   env=env, check=True, timeout=300)
+              f"from sa_kernels import _native; assert {check}; "
+              f"torch.save(test_native.{cases.__name__}(), sys.argv[2])")
+    subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(saved)],
+                   env=dict(os.environ, **env), check=True, timeout=300)
     return torch.load(saved)
+
+
+def _assert_bitwise_equal(results, others):
+    assert len(results) == len(others)
+    for a, b in zip(results, others):
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        assert torch.equal(a, b)
 
 
 def test_outputs_streamed_past_the_cache_are_bitwise_those_stored_through_it(tmp_path):
     # Inputs and outputs larger than the last-level cache are written with non-temporal
     # stores. With the cache taken as 0 bytes every full, aligned vector streams (forward
     # out and backward dx); with 1 TiB none does.
-    streamed = _streaming_cases_in_a_child(tmp_path, 0)
-    ordinary = _streaming_cases_in_a_child(tmp_path, 1 << 40)
-    assert len(streamed) == len(ordinary)
-    for a, b in zip(streamed, ordinary):
-        assert a.dtype == b.dtype and a.stride() == b.stride()
-        assert torch.equal(a, b)
+    streamed = _in_a_child(tmp_path, _streaming_cases, {"SA_KERNELS_CPU_CACHE_BYTES": "0"},
+                           "_native.cpu_cache_bytes() == 0")
+    ordinary = _in_a_child(tmp_path, _streaming_cases, {"SA_KERNELS_CPU_CACHE_BYTES": str(1 << 40)},
+                           f"_native.cpu_cache_bytes() == {1 << 40}")
+    _assert_bitwise_equal(streamed, ordinary)
+
+
+def _bfloat16_cases():
+    """_streaming_cases() of bfloat16 inputs."""
+    return [t for t in _streaming_cases() if t.dtype == torch.bfloat16]
+
+
+@pytest.mark.skipif(not _native.cpu_bf16_instructions(),
+                    reason="the CPU kernels convert to bfloat16 in software here (no AVX512_BF16)")
+def test_bfloat16_conversions_by_instruction_are_bitwise_those_in_software(tmp_path):
+    # Where the CPU has AVX512_BF16 the AVX-512 kernels round float results to bfloat16 with
+    # VCVTNEPS2BF16; SA_KERNELS_CPU_BF16_INSTRUCTIONS=0 takes the rounding in software. Both
+    # round to nearest even: the same bits for every result that is not below 2**-126.
+    by_instruction = _in_a_child(tmp_path, _bfloat16_cases, {}, "_native.cpu_bf16_instructions()")
+    in_software = _in_a_child(tmp_path, _bfloat16_cases, {"SA_KERNELS_CPU_BF16_INSTRUCTIONS": "0"},
+                              "not _native.cpu_bf16_instructions()")
+    assert by_instruction and all(t.numel() for t in by_instruction)
+    _assert_bitwise_equal(by_instruction, in_software)
 
 
 def _bad(**overrides):

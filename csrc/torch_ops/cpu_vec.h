@@ -4,7 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -26,13 +28,18 @@ template <typename T>
 constexpr bool kReduced = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Whether the CPU converts float to bfloat16 in one instruction (AVX512_BF16: Cooper Lake,
-// Sapphire Rapids, Zen 4 and later). Read once, when the module loads.
+// Whether the kernels convert float to bfloat16 in one instruction: where the CPU has
+// AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later), unless
+// SA_KERNELS_CPU_BF16_INSTRUCTIONS=0 (the tests compare both ways). Read once, at load.
+inline bool use_bf16_instructions() {
 #if defined(__GNUC__)
-inline const bool kCpuHasAvx512Bf16 = __builtin_cpu_supports("avx512bf16");
+  const char* env = std::getenv("SA_KERNELS_CPU_BF16_INSTRUCTIONS");
+  return !(env && std::string(env) == "0") && __builtin_cpu_supports("avx512bf16");
 #else
-inline const bool kCpuHasAvx512Bf16 = false;
+  return false;
 #endif
+}
+inline const bool kCpuHasAvx512Bf16 = use_bf16_instructions();
 
 // 16 floats as 16 elements of T (bfloat16 or float16), rounded to nearest even. bfloat16 in
 // software takes eight instructions (rounding bias, NaN check, narrowing); VCVTNEPS2BF16 does
