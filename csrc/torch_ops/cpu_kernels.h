@@ -225,24 +225,22 @@ ShiftedSums<acc_t<T>> plane_shifted_sums(const T* x, int64_t n) {
   const V vshift(shift);
   V s1[kUnroll], s2[kUnroll];
   for (int u = 0; u < kUnroll; ++u) s1[u] = s2[u] = V(A(0));
+  auto add = [&](int u, const V& d) C10_ALWAYS_INLINE_ATTRIBUTE {
+    s1[u] += d;
+    s2[u] = at::vec::fmadd(d, d, s2[u]);
+  };
   int64_t i = 0;
   for (; i + kUnroll * N <= n; i += kUnroll * N) {
-    for (int u = 0; u < kUnroll; ++u) {
-      const V d = L::load(x + i + u * N) - vshift;
-      s1[u] += d;
-      s2[u] = at::vec::fmadd(d, d, s2[u]);
-    }
+    for (int u = 0; u < kUnroll; ++u) add(u, L::load(x + i + u * N) - vshift);
   }
-  for (; i + N <= n; i += N) {
-    const V d = L::load(x + i) - vshift;
-    s1[0] += d;
-    s2[0] = at::vec::fmadd(d, d, s2[0]);
-  }
-  if (i < n) {  // lanes past the end hold the shift, so they add nothing
-    const V d = V::set(vshift, L::load(x + i, n - i), n - i) - vshift;
-    s1[0] += d;
-    s2[0] = at::vec::fmadd(d, d, s2[0]);
-  }
+  // Up to three more whole vectors, one per chain (small planes have no other work to overlap
+  // a chain's latency with), then the tail in the fourth chain, its lanes past the end zeroed.
+  const int64_t rest = (n - i) / N;
+  if (rest > 0) add(0, L::load(x + i) - vshift);
+  if (rest > 1) add(1, L::load(x + i + N) - vshift);
+  if (rest > 2) add(2, L::load(x + i + 2 * N) - vshift);
+  i += rest * N;
+  if (i < n) add(3, first_lanes(L::load(x + i, n - i) - vshift, n - i));
   const V t1 = (s1[0] + s1[1]) + (s1[2] + s1[3]);
   const V t2 = (s2[0] + s2[1]) + (s2[2] + s2[3]);
   return {shift, lane_sum(t1), lane_sum(t2)};

@@ -349,6 +349,21 @@ C10_ALWAYS_INLINE void LanePacker<V>::unpack(const V& packed, const V& fill_a, c
   b = fill_b;
 }
 
+// The first `count` (< size) lanes of v; the others zero.
+template <typename V>
+C10_ALWAYS_INLINE V first_lanes(const V& v, int64_t count) {
+  using A = typename V::value_type;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    return _mm512_maskz_mov_ps(__mmask16((1u << count) - 1), v);
+  } else {
+    return _mm512_maskz_mov_pd(__mmask8((1u << count) - 1), v);
+  }
+#else
+  return V::set(V(A(0)), v, count);
+#endif
+}
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // lane_sum's tree on 8 float lanes, in registers: lanes i + 4, then i + 2, then i + 1.
 inline float lane_sum8(__m256 v) {
