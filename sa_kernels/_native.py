@@ -80,11 +80,12 @@ def cpu_bf16_instructions():
     """Whether the CPU kernels convert float to bfloat16 with AVX512_BF16 instructions.
 
     They do where torch runs AVX-512 kernels and the CPU has AVX512_BF16, unless
-    ``SA_KERNELS_CPU_BF16_INSTRUCTIONS=0`` (read once per process). The instruction flushes
-    results below 2**-126 in magnitude to zero, where the conversion in software keeps them.
+    ``SA_KERNELS_CPU_BF16_INSTRUCTIONS=0`` (read once per process). Both round to nearest
+    even and give the same bits except for NaN (another NaN pattern) and results below
+    2**-126 in magnitude, which the instruction flushes to zero.
     """
     module = _state["cpu_module"]
-    return module is not None and module.bf16_instructions()
+    return module is not None and getattr(module, "bf16_instructions", lambda: False)()
 
 
 def unavailable_reason_ops():

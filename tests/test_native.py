@@ -98,8 +98,8 @@ def test_a_native_forward_is_differentiated_by_another_backend():
 # single-column planes.
 PATH_SHAPES = [
     (1, 8, 61, 67, 2),     # NCHW planes of 4087 elements: unrolled loop plus a tail
-    (2, 160, 6, 5, 4),     # channels_last: C/2 = 80 pairs, several vectors, a partial one
-    (3, 520, 3, 3, 13),    # channels_last: C/2 = 260, many tasks per image; 9 positions
+    (2, 160, 6, 5, 4),     # channels_last: C/2 = 80 pairs, several whole vectors
+    (3, 520, 3, 3, 13),    # channels_last: C/2 = 260, many vectors, a partial last one; 9 positions
     (2, 12, 9, 1, 3),      # C/2 = 6 pairs, less than one vector; W = 1
     (2, 12, 1, 9, 3),      # H = 1
 ]
@@ -166,9 +166,10 @@ def test_gates_far_into_both_tails_of_the_sigmoid(fmt, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_channels_last_backward_on_planes_too_large_to_keep_the_gates(dtype):
     # The channels-last backward keeps the gates of pass 1 for pass 2 up to 4 MiB per vector;
-    # 201 x 203 positions x 2 x 16 pairs of float (or x 8 of double) is past that: recomputed.
+    # 257 x 257 positions x 2 halves x one vector of pairs is past that with vectors of 32
+    # bytes or more (every CPU capability): recomputed.
     ref = random_reference(32, 2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    x = random_input((1, 32, 201, 203), dtype, "cpu", torch.channels_last)
+    x = random_input((1, 32, 257, 257), dtype, "cpu", torch.channels_last)
     assert_matches_reference(ref, sa_kernels.FusedShuffleAttention.from_module(ref, backend="cpu"), x)
 
 
@@ -285,12 +286,15 @@ def _bfloat16_cases():
 
 @pytest.mark.skipif(not _native.cpu_bf16_instructions(),
                     reason="the CPU kernels convert to bfloat16 in software here (no AVX512_BF16)")
-def test_bfloat16_conversions_by_instruction_are_bitwise_those_in_software(tmp_path):
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 40], ids=["streamed", "stored"])
+def test_bfloat16_conversions_by_instruction_are_bitwise_those_in_software(tmp_path, cache_bytes):
     # Where the CPU has AVX512_BF16 the AVX-512 kernels round float results to bfloat16 with
     # VCVTNEPS2BF16; SA_KERNELS_CPU_BF16_INSTRUCTIONS=0 takes the rounding in software. Both
-    # round to nearest even: the same bits for every result that is not below 2**-126.
-    by_instruction = _in_a_child(tmp_path, _bfloat16_cases, {}, "_native.cpu_bf16_instructions()")
-    in_software = _in_a_child(tmp_path, _bfloat16_cases, {"SA_KERNELS_CPU_BF16_INSTRUCTIONS": "0"},
+    # round to nearest even: the same bits for every result that is neither NaN nor below
+    # 2**-126, through ordinary stores and streamed ones alike.
+    cache = {"SA_KERNELS_CPU_CACHE_BYTES": str(cache_bytes)}
+    by_instruction = _in_a_child(tmp_path, _bfloat16_cases, cache, "_native.cpu_bf16_instructions()")
+    in_software = _in_a_child(tmp_path, _bfloat16_cases, dict(cache, SA_KERNELS_CPU_BF16_INSTRUCTIONS="0"),
                               "not _native.cpu_bf16_instructions()")
     assert by_instruction and all(t.numel() for t in by_instruction)
     _assert_bitwise_equal(by_instruction, in_software)

@@ -44,15 +44,16 @@ inline const bool kCpuHasAvx512Bf16 = use_bf16_instructions();
 // 16 floats as 16 elements of T (bfloat16 or float16), rounded to nearest even. bfloat16 in
 // software takes eight instructions (rounding bias, NaN check, narrowing); VCVTNEPS2BF16 does
 // it in one where the CPU has it, written as assembly because this module is compiled for
-// AVX-512 without AVX512_BF16 and runs on CPUs that lack it. The instruction flushes
-// results below 2^-126 (1.2e-38) in magnitude to zero, where software keeps the subnormal.
+// AVX-512 without AVX512_BF16 and runs on CPUs that lack it. The two give the same bits
+// except for NaN (another NaN pattern) and values below 2^-126 (1.2e-38) in magnitude, which
+// the instruction flushes to zero where software keeps or rounds up the subnormal.
 template <typename T>
 C10_ALWAYS_INLINE __m256i reduced_bits(__m512 v) {
 #if defined(__GNUC__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (kCpuHasAvx512Bf16) {
       __m256i r;
-      asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(v));
+      asm volatile("vcvtneps2bf16 {%1, %0|%0, %1}" : "=v"(r) : "v"(v));  // volatile: never hoisted above the check
       return r;
     }
   }
@@ -133,9 +134,9 @@ struct Lanes {
 };
 
 // Where a kernel writes its output: ordinary stores, or (stream) non-temporal ones for
-// full, aligned vectors. Always inlined: GCC called it out of line from the channels-last
-// loops, with both vectors passed through memory. A thread that streamed calls fence() before its writes may be
-// read by another thread.
+// full, aligned vectors. A thread that streamed calls fence() before its writes may be read
+// by another thread. Always inlined: GCC called it out of line from the channels-last loops,
+// with both vectors passed through memory.
 template <typename T>
 struct OutputStores {
   bool stream = false;
@@ -159,24 +160,26 @@ struct OutputStores {
 #if defined(CPU_CAPABILITY_AVX512)
 // float sigmoid on AVX-512 from e = exp(-|z|), which lies in (0, 1] and never overflows:
 // sigmoid(z) = 1 / (1 + e) for z >= 0 and e / (1 + e) below. exp as 2^n * p(r) (n the
-// nearest integer to -|z| / ln 2, r the remainder, p a degree-5 polynomial fitted to e^r on
-// [-ln 2 / 2, ln 2 / 2] for relative error, 7.5e-8 in exact arithmetic), 2^n applied by
-// scalef, which underflows to 0 as the true value does; 1 / (1 + e) as rcp14 and one Newton
-// step. 17 instructions where at::vec's exp_u20 and the fix-ups its overflow needs took 27.
-// |z| is capped at 104 (e = 0 beyond it in float) so that infinities never meet; a NaN z
-// passes through every step (min returns its second operand when that is NaN), so a NaN
-// plane keeps a NaN output. Worst relative error 4.2e-7 over float z in [-87, 30] (float32
-// model of these steps against float64; the test suite's float32 rtol is 1e-4).
+// nearest integer to -|z| / ln 2, r the remainder, p = 1 + r q(r) a degree-5 polynomial
+// fitted to e^r on [-ln 2 / 2, ln 2 / 2] for relative error, 9.1e-8 in exact arithmetic; p(0)
+// = 1, so sigmoid(0) = 0.5 exactly), 2^n applied by scalef, which underflows to 0 as the true
+// value does; 1 / (1 + e) as rcp14 and one Newton step. 17 instructions where at::vec's
+// exp_u20 and the fix-ups its overflow needs took 27. |z| is capped at 104 (e = 0 beyond it
+// in float) so that infinities never meet; a NaN z stays NaN through every step (min returns
+// its second operand when that is NaN), so a NaN plane keeps a NaN output. Worst relative
+// error 3.8e-7 over float z in [-87, 30] (float32 model of these steps against float64; the
+// test suite's float32 rtol is 1e-4); below -87 the result is subnormal, of large relative
+// but tiny absolute error.
 C10_ALWAYS_INLINE __m512 sigmoid_avx512(__m512 z) {
   const __m512 az = _mm512_min_ps(_mm512_set1_ps(104.f), _mm512_abs_ps(z));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(az, _mm512_set1_ps(-1.44269504f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fnmsub_ps(n, _mm512_set1_ps(0.693147182f), az);  // -|z| - n ln 2
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0x1.0fe5c6p-7f), r, _mm512_set1_ps(0x1.575eeep-5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.555a18p-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.fffd1ap-2f));
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0x1.0fa834p-7f), r, _mm512_set1_ps(0x1.573a54p-5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.555a6ap-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.fffdc6p-2f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.fffff6p-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.000002p+0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   const __m512 e = _mm512_scalef_ps(p, n);
   const __m512 one = _mm512_set1_ps(1.f);
   const __m512 d = _mm512_add_ps(one, e);
