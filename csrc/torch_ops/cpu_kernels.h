@@ -18,6 +18,10 @@
 //    stores); two passes over its slice of the image (H x W x 2 vectors), as for planes.
 //  * anything else (sliced, permuted, expanded gradients, mixed layouts): the plane path
 //    on planes gathered into (and scattered from) a contiguous row.
+//
+// The small helpers and lambdas called once per vector are marked always-inline
+// (C10_ALWAYS_INLINE, C10_ALWAYS_INLINE_ATTRIBUTE): in these large template instantiations
+// GCC otherwise called some of them out of line, passing every vector through memory.
 #pragma once
 
 #include <algorithm>
