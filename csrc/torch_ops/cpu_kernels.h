@@ -442,8 +442,9 @@ struct LaneGates {
   A mean[kSize] = {}, alpha[kSize] = {}, beta[kSize] = {};
   bool spatial[kSize] = {};
 
-  void set(int64_t lane, const Params<A>& params, int64_t c, A mean_, A rstd) {
-    const auto gate = plane_math::plane_gate<A>(params, c, mean_, rstd);
+  // k: the channel's index within its group.
+  void set(int64_t lane, const Params<A>& params, int64_t k, A mean_, A rstd) {
+    const auto gate = plane_math::gate_in_group<A>(params, k, mean_, rstd);
     mean[lane] = mean_;
     alpha[lane] = gate.alpha;
     beta[lane] = gate.beta;
@@ -564,17 +565,166 @@ inline typename Lanes<T>::V load_lanes(const T* p, int64_t count) {
   }
 }
 
-// The gates of one channels-last vector of pairs of image b (lanes: channels c[h] + l, l <
-// count, of half h) from their statistics.
+// The lane gates of one channels-last vector of pairs of image b (lanes: channels c[h] + l,
+// l < count, of half h) from their statistics.
+template <typename A>
+void pair_lane_gates(const Params<A>& params, const A* mean, const A* rstd, const int64_t (&c)[2],
+                     int64_t count, LaneGates<A> (&lanes)[2]) {
+  const int64_t group_size = 2 * params.half;
+  for (int h = 0; h < 2; ++h) {
+    // One division per half, not one per lane (64-bit divisions cost as much as the rest
+    // of the setup on small planes).
+    for (int64_t l = 0, k = c[h] % group_size; l < count; ++l, k = k + 1 == group_size ? 0 : k + 1) {
+      lanes[h].set(l, params, k, mean[c[h] + l], rstd[c[h] + l]);
+    }
+  }
+}
+
 template <typename A>
 PairGates<at::vec::Vectorized<A>> pair_gates(const Params<A>& params, const A* mean, const A* rstd,
                                              const int64_t (&c)[2], int64_t count) {
   LaneGates<A> lanes[2];
-  for (int h = 0; h < 2; ++h) {
-    for (int64_t l = 0; l < count; ++l) lanes[h].set(l, params, c[h] + l, mean[c[h] + l], rstd[c[h] + l]);
-  }
+  pair_lane_gates(params, mean, rstd, c, count, lanes);
   return PairGates<at::vec::Vectorized<A>>(lanes[0], lanes[1]);
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Where the 2 x 16 lanes (half 0, then half 1) of one channels-last vector of pairs go in
+// the forward on AVX-512 float (two-operand lane permutes in one instruction): "work order"
+// puts the spatial-branch lanes first, then the channel-branch ones, and the outputs take
+// each pair's two values to channels 2j, 2j + 1. It depends on the channels only, so a
+// call builds it once per vector position j rather than once per image.
+struct PairLayout {
+  static constexpr int kSize = 16;
+  __m512i source[2], target[2];  // work lane <- input lane; output lane <- work lane
+  __mmask16 spatial[2] = {0, 0};
+  bool permute = false;
+
+  PairLayout(int64_t half, const int64_t (&c)[2], int64_t count) {
+    int32_t from[2 * kSize] = {}, where[2 * kSize] = {}, to[2 * kSize];
+    int g = 0;
+    for (const bool spatial_first : {true, false}) {
+      for (int h = 0; h < 2; ++h) {
+        for (int64_t l = 0, k = c[h] % (2 * half); l < count; ++l, k = k + 1 == 2 * half ? 0 : k + 1) {
+          if ((k >= half) != spatial_first) continue;
+          const int lane = h * kSize + int(l);
+          permute = permute || lane != g;
+          where[lane] = g;
+          from[g] = lane;
+          if (spatial_first) spatial[g / kSize] |= __mmask16(1u << (g % kSize));
+          ++g;
+        }
+      }
+    }
+    for (int o = 0; o < 2 * kSize; ++o) to[o] = where[(o % 2) * kSize + o / 2];
+    for (int k = 0; k < 2; ++k) {
+      source[k] = _mm512_loadu_si512(from + k * kSize);
+      target[k] = _mm512_loadu_si512(to + k * kSize);
+    }
+  }
+};
+
+// The forward's channels-last outputs of one vector of pairs in PairLayout's work order.
+// Gating runs on the two work vectors, a sigmoid only on those with spatial lanes (at G =
+// 64 with half <= 8, one: the first work vector all spatial, the second all constant),
+// then one permute per output vector. Where the branches mix, that is 4 permutes where
+// packing for the sigmoid, unpacking and interleaving took 6, and x - mean, the gate and
+// the product once per work vector rather than once per half. Per lane the arithmetic is
+// PairGates's (x - mean, fmadd, sigmoid, product; the constant gate sigmoid(beta) taken as
+// a vector), so for finite x - mean the outputs are bit for bit the same. Constant lanes
+// never go through the sigmoid here (PairGates's unpacked vectors took sigmoid(0 * xc +
+// beta), NaN for an infinite xc): x * sigmoid(beta), as on the plane path.
+class PairOutputs {
+ public:
+  using V = at::vec::Vectorized<float>;
+
+  PairOutputs(const PairLayout& layout, const LaneGates<float> (&lanes)[2]) : layout_(layout) {
+    auto work = [this](const float* h0, const float* h1, V (&out)[2]) {
+      const V in[2] = {V::loadu(h0), V::loadu(h1)};
+      for (int k = 0; k < 2; ++k) {
+        out[k] = layout_.permute ? V(_mm512_permutex2var_ps(in[0], layout_.source[k], in[1])) : in[k];
+      }
+    };
+    work(lanes[0].mean, lanes[1].mean, mean_);
+    work(lanes[0].alpha, lanes[1].alpha, alpha_);
+    work(lanes[0].beta, lanes[1].beta, beta_);
+    for (int k = 0; k < 2; ++k) constant_[k] = vec_sigmoid(beta_[k]);
+  }
+
+  // Calls body(apply) once, where apply(x0, x1, y0, y1) sets the output vectors y0, y1
+  // (channels 2j, 2j + 1 interleaved) from the input vectors x0, x1 (halves 0 and 1): a
+  // closure per case, so the caller's loop over positions carries no branch.
+  template <typename Body>
+  void with_outputs(Body&& body) const {
+    if (layout_.permute) {
+      with_kinds<true>(body);
+    } else {
+      with_kinds<false>(body);
+    }
+  }
+
+ private:
+  // How a work vector is gated: all lanes constant, all spatial, or a blend of the two.
+  enum Kind { kConstant, kSpatial, kBlend };
+
+  Kind kind(int k) const {
+    const __mmask16 m = layout_.spatial[k];
+    return m == 0 ? kConstant : m == __mmask16(0xFFFF) ? kSpatial : kBlend;
+  }
+
+  // Spatial lanes come first, so the second work vector is gated only when the first is
+  // all spatial.
+  template <bool kPermute, typename Body>
+  void with_kinds(Body& body) const {
+    switch (kind(0)) {
+      case kConstant:
+        return body(closure<kPermute, kConstant, kConstant>());
+      case kBlend:
+        return body(closure<kPermute, kBlend, kConstant>());
+      case kSpatial:
+        switch (kind(1)) {
+          case kConstant:
+            return body(closure<kPermute, kSpatial, kConstant>());
+          case kBlend:
+            return body(closure<kPermute, kSpatial, kBlend>());
+          case kSpatial:
+            return body(closure<kPermute, kSpatial, kSpatial>());
+        }
+    }
+  }
+
+  template <bool kPermute, Kind kKind0, Kind kKind1>
+  auto closure() const {
+    return [this](const V& x0, const V& x1, V& y0, V& y1) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const V w[2] = {kPermute ? V(_mm512_permutex2var_ps(x0, layout_.source[0], x1)) : x0,
+                      kPermute ? V(_mm512_permutex2var_ps(x0, layout_.source[1], x1)) : x1};
+      const V y[2] = {w[0] * gate<kKind0>(w[0], 0), w[1] * gate<kKind1>(w[1], 1)};
+      y0 = _mm512_permutex2var_ps(y[0], layout_.target[0], y[1]);
+      y1 = _mm512_permutex2var_ps(y[0], layout_.target[1], y[1]);
+    };
+  }
+
+  template <Kind kKind>
+  C10_ALWAYS_INLINE V gate(const V& w, int k) const {
+    if constexpr (kKind == kConstant) {
+      return constant_[k];
+    } else {
+      const V s = vec_sigmoid(at::vec::fmadd(alpha_[k], w - mean_[k], beta_[k]));
+      if constexpr (kKind == kSpatial) return s;
+      return _mm512_mask_blend_ps(layout_.spatial[k], constant_[k], s);
+    }
+  }
+
+  const PairLayout layout_;  // a copy: kept in registers through the caller's loop
+  V mean_[2], alpha_[2], beta_[2], constant_[2];
+};
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+using PairLayouts = std::vector<PairLayout>;  // one per vector of pairs of an image
+#else
+struct PairLayouts {};
+#endif
 
 // Statistics, then gated output, of one vector of channel pairs (j, C/2 + j) of image b:
 // channels c[h] + l (l < count) of half h. The vector's slice of the image, read in both
@@ -582,10 +732,15 @@ PairGates<at::vec::Vectorized<A>> pair_gates(const Params<A>& params, const A* m
 // them up to planes of about that size; each loop over positions keeps its
 // accumulators and gates in registers.
 template <typename T, bool kFull>
-void forward_pair_vector(const ForwardArgs<T>& p, int64_t b, const int64_t (&c)[2], int64_t count) {
+void forward_pair_vector(const ForwardArgs<T>& p, int64_t b, const int64_t (&channels)[2], int64_t count,
+                         [[maybe_unused]] const PairLayouts& layouts) {
   using V = typename Lanes<T>::V;
   using A = acc_t<T>;
   constexpr int64_t N = Lanes<T>::kSize;
+  // Local copies, kept in registers: through references they were reloaded after every
+  // vector store (the intrinsics' store types may alias anything).
+  const int64_t c[2] = {channels[0], channels[1]};
+  const OutputStores<T> put = p.stores;
   const int64_t C = p.geo.channels, n = p.geo.hw();
   const T* x = p.x + b * p.xs.b;
   auto load = [count](const T* q) C10_ALWAYS_INLINE_ATTRIBUTE { return load_lanes<T, kFull>(q, count); };
@@ -628,20 +783,39 @@ void forward_pair_vector(const ForwardArgs<T>& p, int64_t b, const int64_t (&c)[
   }
 
   // Output: gate each pair and store it interleaved at channels 2j, 2j + 1.
-  const PairGates<V> gates = pair_gates(p.params, mean, rstd, c, count);
   T* out = p.out + b * p.os.b + 2 * c[0];
-  gates.with_gates([&](const auto& gate) {
-    for (int64_t pos = 0; pos < n; ++pos) {
-      const T* row = x + pos * C;
-      V xv[2], xc[2], s[2];
-      for (int h = 0; h < 2; ++h) {
-        xv[h] = load(row + c[h]);
-        xc[h] = xv[h] - gates.mean[h];
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    LaneGates<A> lanes[2];
+    pair_lane_gates(p.params, mean, rstd, c, count, lanes);
+    const int64_t stored = kFull ? 2 * N : 2 * count;  // output lanes, over two vectors
+    const PairOutputs outputs(layouts[c[0] / N], lanes);
+    outputs.with_outputs([&](const auto& apply) {
+      for (int64_t pos = 0; pos < n; ++pos) {
+        const T* row = x + pos * C;
+        V y0, y1;
+        apply(load(row + c[0]), load(row + c[1]), y0, y1);
+        put(out + pos * C, y0, std::min(N, stored));
+        if (stored > N) put(out + pos * C + N, y1, stored - N);
       }
-      gate(xc, s);
-      store_pairs<T>(out + pos * C, xv[0] * s[0], xv[1] * s[1], kFull ? N : count, p.stores);
-    }
-  });
+    });
+  } else
+#endif
+  {
+    const PairGates<V> gates = pair_gates(p.params, mean, rstd, c, count);
+    gates.with_gates([&](const auto& gate) {
+      for (int64_t pos = 0; pos < n; ++pos) {
+        const T* row = x + pos * C;
+        V xv[2], xc[2], s[2];
+        for (int h = 0; h < 2; ++h) {
+          xv[h] = load(row + c[h]);
+          xc[h] = xv[h] - gates.mean[h];
+        }
+        gate(xc, s);
+        store_pairs<T>(out + pos * C, xv[0] * s[0], xv[1] * s[1], kFull ? N : count, put);
+      }
+    });
+  }
 }
 
 // Calls f(std::bool_constant<full>) for a vector of `count` lanes: full when count is all of them.
@@ -656,8 +830,19 @@ inline void with_full(int64_t count, F&& f) {
 
 template <typename T>
 void forward_channels_last(const ForwardArgs<T>& p) {
+  PairLayouts layouts;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t<T>, float>) {
+    constexpr int64_t N = Lanes<T>::kSize;
+    const int64_t half_c = p.geo.channels / 2;
+    for (int64_t j = 0; j < half_c; j += N) {
+      const int64_t c[2] = {j, half_c + j};
+      layouts.emplace_back(p.params.half, c, std::min(N, half_c - j));
+    }
+  }
+#endif
   parallel_over_pair_vectors<T>(p.geo, 0, [&](int64_t b, const int64_t (&c)[2], int64_t count, acc_t<T>*) {
-    with_full<T>(count, [&](auto full) { forward_pair_vector<T, decltype(full)::value>(p, b, c, count); });
+    with_full<T>(count, [&](auto full) { forward_pair_vector<T, decltype(full)::value>(p, b, c, count, layouts); });
     p.stores.fence();
   });
 }
@@ -744,11 +929,13 @@ void backward_planes(const BackwardArgs<T>& p) {
 // per position, or null) keeps pass 1's gates for pass 2: a sigmoid costs more than a store
 // and a load.
 template <typename T, bool kFull>
-void backward_pair_vector(const BackwardArgs<T>& p, int64_t b, const int64_t (&c)[2], int64_t count,
+void backward_pair_vector(const BackwardArgs<T>& p, int64_t b, const int64_t (&channels)[2], int64_t count,
                           acc_t<T>* kept) {
   using V = typename Lanes<T>::V;
   using A = acc_t<T>;
   constexpr int64_t N = Lanes<T>::kSize;
+  const int64_t c[2] = {channels[0], channels[1]};  // as in forward_pair_vector
+  const OutputStores<T> put = p.stores;
   const int64_t C = p.geo.channels, n = p.geo.hw();
   const T* x = p.x + b * p.xs.b;
   const T* dy = p.grad_out + b * p.gs.b + 2 * c[0];
@@ -816,10 +1003,11 @@ void backward_pair_vector(const BackwardArgs<T>& p, int64_t b, const int64_t (&c
     A a1[N], a2[N], k0[N] = {}, k1[N] = {};
     acc1[h].store(a1);
     acc2[h].store(a2);
-    for (int64_t l = 0; l < count; ++l) {
+    const int64_t group_size = 2 * p.params.half;
+    for (int64_t l = 0, k = c[h] % group_size; l < count; ++l, k = k + 1 == group_size ? 0 : k + 1) {
       const int64_t ch = c[h] + l;
       const A s2 = a2[l] * rstd[ch];
-      const auto gate = plane_math::plane_gate<A>(p.params, ch, mean[ch], rstd[ch]);
+      const auto gate = plane_math::gate_in_group<A>(p.params, k, mean[ch], rstd[ch]);  // as pair_lane_gates
       const auto coef = plane_math::grad_coefficients(p.params, gate, rstd[ch], a1[l], s2, A(1) / A(n));
       plane_math::plane_partials(p.partials + 2 * (b * C + ch), gate.spatial, a1[l], s2, mean[ch]);
       k0[l] = coef.k0;
@@ -834,7 +1022,7 @@ void backward_pair_vector(const BackwardArgs<T>& p, int64_t b, const int64_t (&c
     for (int h = 0; h < 2; ++h) {
       const V dt = d[h] * xv[h] * s[h] * (one - s[h]);
       const V r = at::vec::fmadd(d[h], s[h], at::vec::fmadd(gates.alpha[h], dt, at::vec::fmadd(vk1[h], xc[h], vk0[h])));
-      p.stores(dx + pos * C + c[h], r, kFull ? N : count);
+      put(dx + pos * C + c[h], r, kFull ? N : count);
     }
   };
   if (kept) {
