@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <tuple>
 #include <vector>
@@ -474,6 +475,9 @@ class PairGates {
       beta_[h] = V::loadu(lanes[h]->beta);
       constant_[h] = vec_sigmoid(beta_[h]);
       any_spatial_[h] = lanes[h]->any_spatial();
+      A bits[V::size()];
+      for (int l = 0; l < V::size(); ++l) std::memset(&bits[l], lanes[h]->spatial[l] ? 0xFF : 0, sizeof(A));
+      spatial_bits_[h] = V::loadu(bits);
     }
     if (any_spatial_[0] && any_spatial_[1]) {  // else one sigmoid at most already
       packer_ = LanePacker<V>(h0.spatial, h1.spatial);
@@ -486,10 +490,14 @@ class PairGates {
   // caller's loop over positions (inside body) carries no branch on the mix.
   template <typename Body>
   void with_gates(Body&& body) const {
-    auto z = [this](const V (&xc)[2], int h) C10_ALWAYS_INLINE_ATTRIBUTE { return at::vec::fmadd(alpha[h], xc[h], beta_[h]); };
+    // Packing takes the spatial lanes alone. Unpacked, the constant lanes go through the
+    // sigmoid too, as sigmoid(0 * xc + beta) = sigmoid(beta): xc is zeroed there first, since
+    // 0 * xc is NaN where xc is infinite (a plane with an infinity has an infinite mean).
+    auto z_packed = [this](const V (&xc)[2], int h) C10_ALWAYS_INLINE_ATTRIBUTE { return at::vec::fmadd(alpha[h], xc[h], beta_[h]); };
+    auto z = [this](const V (&xc)[2], int h) C10_ALWAYS_INLINE_ATTRIBUTE { return at::vec::fmadd(alpha[h], xc[h] & spatial_bits_[h], beta_[h]); };
     if (packed_) {
       body([&](const V (&xc)[2], V (&s)[2]) C10_ALWAYS_INLINE_ATTRIBUTE {
-        packer_.unpack(vec_sigmoid(packer_.pack(z(xc, 0), z(xc, 1))), constant_[0], constant_[1], s[0], s[1]);
+        packer_.unpack(vec_sigmoid(packer_.pack(z_packed(xc, 0), z_packed(xc, 1))), constant_[0], constant_[1], s[0], s[1]);
       });
     } else if (any_spatial_[0] && any_spatial_[1]) {
       body([&](const V (&xc)[2], V (&s)[2]) C10_ALWAYS_INLINE_ATTRIBUTE {
@@ -516,6 +524,7 @@ class PairGates {
 
  private:
   V beta_[2], constant_[2];
+  V spatial_bits_[2];  // all bits set in spatial lanes, clear in constant ones
   bool any_spatial_[2] = {true, true};
   bool packed_ = false;
   LanePacker<V> packer_;
