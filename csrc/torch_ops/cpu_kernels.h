@@ -25,6 +25,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -212,6 +213,12 @@ inline typename Lanes<T>::V load_count(const T* p, int64_t count) {
 }
 
 
+// v where finite, else 0 (a shift for moments that keeps an infinity's sums infinite).
+template <typename V>
+C10_ALWAYS_INLINE V finite_or_zero(const V& v) {
+  return V::blendv(V(0), v, (v - v) == V(0));
+}
+
 // A plane's first and second moments about its first value: shifting by a value of the
 // plane keeps the one-pass variance free of the cancellation that sum(x^2) - n * mean^2
 // suffers (block_moments turns them into mean and rstd).
@@ -227,7 +234,10 @@ ShiftedSums<acc_t<T>> plane_shifted_sums(const T* x, int64_t n) {
   using A = acc_t<T>;
   constexpr int64_t N = L::kSize;
   constexpr int kUnroll = 4;
-  const A shift = static_cast<A>(x[0]);
+  // A non-finite first value would make every difference infinite or NaN: shifted by 0
+  // instead, an infinity gives the infinite mean the reference computes.
+  const A first = static_cast<A>(x[0]);
+  const A shift = std::isfinite(first) ? first : A(0);
   const V vshift(shift);
   V s1[kUnroll], s2[kUnroll];
   for (int u = 0; u < kUnroll; ++u) s1[u] = s2[u] = V(A(0));
@@ -758,7 +768,7 @@ void forward_pair_vector(const ForwardArgs<T>& p, int64_t b, const int64_t (&cha
   // (two chains per sum: a lone chain of dependent adds bounds the loop on small planes).
   // Named accumulators, not arrays: GCC kept an array's element in memory, a store-to-load
   // chain per position.
-  const V shift[2] = {load(x + c[0]), load(x + c[1])};
+  const V shift[2] = {finite_or_zero(load(x + c[0])), finite_or_zero(load(x + c[1]))};  // as plane_shifted_sums
   V e1_0(A(0)), e2_0(A(0)), e1_1(A(0)), e2_1(A(0));  // even positions
   V o1_0(A(0)), o2_0(A(0)), o1_1(A(0)), o2_1(A(0));  // odd positions
   auto add = [&](const T* row, V& s1_0, V& s2_0, V& s1_1, V& s2_1) C10_ALWAYS_INLINE_ATTRIBUTE {
