@@ -129,7 +129,8 @@ def test_an_infinity_in_a_channel_branch_plane_gives_the_references_output(backe
     # mean NaN. half = 6 (C = 96, G = 8): the CPU's channels-last vectors holding channel 5
     # mix the branches, whether they hold 4, 8 or 16 channels.
     if backend in ("cuda", "triton"):
-        pytest.xfail("Welford merges of the GPU kernels' statistics turn an infinite mean into NaN")
+        pytest.xfail("the GPU kernels' gate alpha * (x - mean) + beta is NaN on such a plane, and their "
+                     "Welford merges make its infinite mean NaN")
     if backend == "torch":
         pytest.xfail("the torch backend's gate alpha * (x - mean) + beta is NaN on such a plane (alpha = 0)")
     C, G = 96, 8
