@@ -584,18 +584,26 @@ inline typename Lanes<T>::V load_lanes(const T* p, int64_t count) {
   }
 }
 
+// Calls f(l, k) for the channels first + l, l < count, k the channel's index within its
+// group of group_size: one division, not one per lane (a 64-bit division per lane cost as
+// much as the rest of a channels-last vector's setup on small planes).
+template <typename F>
+C10_ALWAYS_INLINE void for_each_group_index(int64_t first, int64_t count, int64_t group_size, F&& f) {
+  for (int64_t l = 0, k = first % group_size; l < count; ++l) {
+    f(l, k);
+    if (++k == group_size) k = 0;
+  }
+}
+
 // The lane gates of one channels-last vector of pairs of image b (lanes: channels c[h] + l,
 // l < count, of half h) from their statistics.
 template <typename A>
 void pair_lane_gates(const Params<A>& params, const A* mean, const A* rstd, const int64_t (&c)[2],
                      int64_t count, LaneGates<A> (&lanes)[2]) {
-  const int64_t group_size = 2 * params.half;
   for (int h = 0; h < 2; ++h) {
-    // One division per half, not one per lane (64-bit divisions cost as much as the rest
-    // of the setup on small planes).
-    for (int64_t l = 0, k = c[h] % group_size; l < count; ++l, k = k + 1 == group_size ? 0 : k + 1) {
+    for_each_group_index(c[h], count, 2 * params.half, [&](int64_t l, int64_t k) {
       lanes[h].set(l, params, k, mean[c[h] + l], rstd[c[h] + l]);
-    }
+    });
   }
 }
 
@@ -624,15 +632,15 @@ struct PairLayout {
     int g = 0;
     for (const bool spatial_first : {true, false}) {
       for (int h = 0; h < 2; ++h) {
-        for (int64_t l = 0, k = c[h] % (2 * half); l < count; ++l, k = k + 1 == 2 * half ? 0 : k + 1) {
-          if ((k >= half) != spatial_first) continue;
+        for_each_group_index(c[h], count, 2 * half, [&](int64_t l, int64_t k) {
+          if ((k >= half) != spatial_first) return;
           const int lane = h * kSize + int(l);
           permute = permute || lane != g;
           where[lane] = g;
           from[g] = lane;
           if (spatial_first) spatial[g / kSize] |= __mmask16(1u << (g % kSize));
           ++g;
-        }
+        });
       }
     }
     for (int o = 0; o < 2 * kSize; ++o) to[o] = where[(o % 2) * kSize + o / 2];
@@ -737,12 +745,10 @@ class PairOutputs {
   const PairLayout layout_;  // a copy: kept in registers through the caller's loop
   V mean_[2], alpha_[2], beta_[2], constant_[2];
 };
-#endif
 
-#if defined(CPU_CAPABILITY_AVX512)
 using PairLayouts = std::vector<PairLayout>;  // one per vector of pairs of an image
 #else
-struct PairLayouts {};
+struct PairLayouts {};  // no work order without two-operand permutes
 #endif
 
 // Statistics, then gated output, of one vector of channel pairs (j, C/2 + j) of image b:
@@ -1022,16 +1028,15 @@ void backward_pair_vector(const BackwardArgs<T>& p, int64_t b, const int64_t (&c
     A a1[N], a2[N], k0[N] = {}, k1[N] = {};
     acc1[h].store(a1);
     acc2[h].store(a2);
-    const int64_t group_size = 2 * p.params.half;
-    for (int64_t l = 0, k = c[h] % group_size; l < count; ++l, k = k + 1 == group_size ? 0 : k + 1) {
+    for_each_group_index(c[h], count, 2 * p.params.half, [&](int64_t l, int64_t k) {
       const int64_t ch = c[h] + l;
       const A s2 = a2[l] * rstd[ch];
-      const auto gate = plane_math::gate_in_group<A>(p.params, k, mean[ch], rstd[ch]);  // as pair_lane_gates
+      const auto gate = plane_math::gate_in_group<A>(p.params, k, mean[ch], rstd[ch]);
       const auto coef = plane_math::grad_coefficients(p.params, gate, rstd[ch], a1[l], s2, A(1) / A(n));
       plane_math::plane_partials(p.partials + 2 * (b * C + ch), gate.spatial, a1[l], s2, mean[ch]);
       k0[l] = coef.k0;
       k1[l] = coef.k1;
-    }
+    });
     vk0[h] = V::loadu(k0);
     vk1[h] = V::loadu(k1);
   }
