@@ -318,7 +318,9 @@ def _bad(**overrides):
     (_bad(params={5: torch.randn(3)}), ValueError, r"gn_bias has 3 elements \(shape \(3,\)\), expected half = 4"),
     (_bad(params={1: torch.randint(0, 3, (4,))}), TypeError, r"cbias must have a floating dtype, got torch\.int64"),
     (_bad(groups=0), ValueError, "groups must be a positive int, got 0"),
-], ids=["rank", "channels", "int-dtype", "param-device", "param-size", "param-dtype", "groups"])
+    # 2 * G * half wraps to 32 in int64 here: the check must not multiply blindly.
+    (_bad(groups=2**62 + 4), ValueError, r"x has 32 channels, expected 2 \* G \* half = 2 \* 4611686018427387908 \* 4"),
+], ids=["rank", "channels", "int-dtype", "param-device", "param-size", "param-dtype", "groups", "groups-overflow"])
 def test_forward_errors_are_clear_python_exceptions(args, error, match):
     with pytest.raises(error, match=match):
         FWD(*args)
@@ -349,6 +351,8 @@ def test_the_fast_binding_refuses_what_is_not_a_tensor():
         fast(x, params[0], [1.0] * 4, *params[2:], G, 1e-5)
     with pytest.raises(TypeError, match="takes 9 arguments, got 3"):
         fast(x, params[0], params[1])
+    with pytest.raises(ValueError, match="groups must be a positive int, got True"):
+        fast(x, *params, True, 1e-5)
     with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
         sa_kernels.FusedShuffleAttention(32, G=4, backend="cpu")([1.0])
 

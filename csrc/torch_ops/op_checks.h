@@ -6,6 +6,7 @@
 #pragma once
 
 #include <array>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -53,10 +54,13 @@ inline void check_inputs(const at::Tensor& x, const ParamRefs& params, int64_t g
                    dtype_str(x.scalar_type()));
   TORCH_CHECK_VALUE(groups >= 1, "groups must be a positive int, got ", groups);
   const int64_t half = params[0]->numel();
-  const int64_t expected_c = 2 * groups * half;
-  TORCH_CHECK_VALUE(x.size(1) == expected_c, "x has ", x.size(1),
-                    " channels, expected 2 * G * half = 2 * ", groups, " * ", half, " = ",
-                    expected_c, " (shape ", shape_str(x.sizes()), ")");
+  // 2 * groups * half only where it fits in int64: a wrapped product could match x's channels.
+  const bool fits = half == 0 || groups <= std::numeric_limits<int64_t>::max() / 2 / half;
+  const int64_t expected_c = fits ? 2 * groups * half : -1;
+  TORCH_CHECK_VALUE(fits && x.size(1) == expected_c, "x has ", x.size(1),
+                    " channels, expected 2 * G * half = 2 * ", groups, " * ", half,
+                    fits ? " = " : " (more than int64 holds)", fits ? std::to_string(expected_c) : "",
+                    " (shape ", shape_str(x.sizes()), ")");
   for (int i = 0; i < 6; ++i) {
     const at::Tensor& p = *params[i];
     TORCH_CHECK_VALUE(p.device() == x.device(), kParamNames[i], " is on ", p.device(),

@@ -38,6 +38,10 @@ PyObject* shuffle_attention(PyObject* /*self*/, PyObject* const* args, Py_ssize_
     }
     tensors[i] = &THPVariable_Unpack(args[i]);
   }
+  if (PyBool_Check(args[7])) {  // an int to PyLong_AsLongLong; rejected as the Python checks do
+    PyErr_Format(PyExc_ValueError, "groups must be a positive int, got %R", args[7]);
+    return nullptr;
+  }
   const long long groups = PyLong_AsLongLong(args[7]);
   if (groups == -1 && PyErr_Occurred()) return nullptr;
   const double eps = PyFloat_AsDouble(args[8]);
