@@ -1,22 +1,38 @@
 """The torch backend: Shuffle Attention as per-plane fused math in plain PyTorch.
 
-Runs on every device PyTorch supports; it is the CPU path and the fallback.
-Every output plane is one input plane times a gate, so with the plane
-statistics (mean, rstd) and the parameters folded into two numbers per plane,
+Runs on every device PyTorch supports: the fallback where no native kernel is built, and
+the path of devices that have none. Every output plane is one input plane times a gate,
 
     out[b, shuffled(c)] = x[b, c] * sigmoid(alpha[b, c] * (x[b, c] - mean[b, c]) + beta[b, c])
 
-where channel-branch planes have alpha = 0, beta = cweight * mean + cbias and
-spatial-branch planes have alpha = sweight * gn_weight * rstd,
-beta = sweight * gn_bias + sbias. The channel shuffle is folded into the
-output's indexing (a strided view), never materialised as a separate copy.
+where channel-branch planes have alpha = 0, beta = cweight * mean + cbias (one gate per
+plane) and spatial-branch planes have alpha = sweight * gn_weight * rstd,
+beta = sweight * gn_bias + sbias.
 
-Only x and the (B, C) statistics are saved for backward; the backward is the
-closed form below (see ``backward``), not autograd of the reference graph.
+Each eager op is a pass over memory, so the passes are what is kept few:
+* The batch is taken a chunk of images at a time (``CHUNK_ELEMENTS``): a chunk's
+  accumulation-dtype temporaries stay in cache from one op to the next, where whole-tensor
+  temporaries of half-precision input were twice its size in memory, op after op.
+* Where each plane is a contiguous run (NCHW), the branches are computed on their own
+  views: a channel-branch plane is one multiply by its gate, and only spatial-branch planes
+  pay for the sigmoid. In channels-last memory a branch's channels are runs of ``half``
+  values (4 at G = 64, C = 512): too short for an op's inner loop, so there every plane
+  takes the spatial form (alpha = 0 on channel planes).
+* The channel shuffle is folded into the final store. channels_last output pairs (channels
+  2j and 2j + 1 side by side) are written as complex numbers (``torch.complex``), whose
+  loop runs along j: a strided copy there iterates over pairs of two elements.
+
+Only x and the (B, C) statistics are saved for backward; the backward is the closed form
+in ``backward``, not autograd of the reference graph.
 """
 import torch
 
 from .._checks import acc_dtype
+
+# Elements of x per chunk of images (at least one image). A chunk is about a dozen ops, so
+# per-op overhead stays small against its work; its float32 temporaries (3 to 4 times its
+# size in bytes) stay within a core's L2 or the L3 of today's CPUs.
+CHUNK_ELEMENTS = 1 << 19
 
 
 def unavailable_reason(device, build=True):
@@ -34,44 +50,109 @@ def _shuffled_order(t):
 
 
 def _plane(v):
-    """(B, C) per-plane values -> (B, C, 1, 1), broadcastable against x."""
-    return v[:, :, None, None]
+    """Per-plane values (..., C) -> (..., C, 1, 1), broadcastable against planes."""
+    return v[..., None, None]
 
 
-def _branches(v, groups):
-    """(B, C) -> (B, G, 2, half): [:, :, 0] the channel branch, [:, :, 1] the spatial branch."""
-    return v.view(v.shape[0], groups, 2, -1)
+def _branches(t, groups):
+    """(B, C, ...) -> (channel branch, spatial branch), each (B, G, half, ...)."""
+    return t.unflatten(1, (groups, 2, t.shape[1] // (2 * groups))).unbind(2)
 
 
-def _gate_coefficients(mean, rstd, params, groups):
-    cweight, cbias, sweight, sbias, gn_weight, gn_bias = (p.to(mean.dtype) for p in params)
-    m, r = _branches(mean, groups), _branches(rstd, groups)
-    beta_c = cweight * m[:, :, 0] + cbias
-    alpha_s = sweight * gn_weight * r[:, :, 1]
-    beta_s = (sweight * gn_bias + sbias).expand_as(beta_c)
-    alpha = torch.stack((torch.zeros_like(alpha_s), alpha_s), 2).view_as(mean)
-    beta = torch.stack((beta_c, beta_s), 2).view_as(mean)
-    return alpha, beta
+def _planes_contiguous(t):
+    H, W = t.shape[2:]
+    return H * W > 1 and (W == 1 or t.stride(3) == 1) and (H == 1 or t.stride(2) == W)
+
+
+def _pixel_rows(t):
+    """A channels-last (B, C, H, W) tensor as its (B * H * W, C) rows, or None if it is not one."""
+    rows = t.permute(0, 2, 3, 1)
+    return rows.view(-1, t.shape[1]) if rows.is_contiguous() else None
+
+
+def _in_chunks(chunk, tensors, *args):
+    """chunk(*tensors, *args) on chunks of images (slices of the batch) of about CHUNK_ELEMENTS."""
+    x = tensors[0]
+    per = max(1, CHUNK_ELEMENTS // x[0].numel())
+    if per >= x.shape[0]:
+        chunk(*tensors, *args)
+        return
+    for b in range(0, x.shape[0], per):
+        chunk(*(t[b:b + per] for t in tensors), *args)
+
+
+class _Constants:
+    """The parameters in the accumulation dtype, and the spatial gate's per-channel factors."""
+
+    def __init__(self, params, acc):
+        self.cweight, self.cbias, self.sweight, self.sbias, self.gn_weight, self.gn_bias = (
+            p.to(acc) for p in params)
+        self.scale = self.sweight * self.gn_weight                  # alpha = scale * rstd
+        self.shift = torch.addcmul(self.sbias, self.sweight, self.gn_bias)  # beta of spatial planes
+
+
+def _store_shuffled(out, y):
+    """out[:, 2j + i] = y[:, i * C/2 + j] (y in the accumulation dtype, out in x's)."""
+    rows_out, rows_y = _pixel_rows(out), _pixel_rows(y)
+    if rows_out is None or rows_y is None:
+        _shuffled_order(out).copy_(_input_order(y))
+        return
+    pairs = rows_y.chunk(2, 1)
+    if out.dtype == y.dtype and rows_out.storage_offset() % 2 == 0:
+        torch.complex(*pairs, out=torch.view_as_complex(rows_out.unflatten(1, (-1, 2))))
+    else:  # no complex type of bfloat16: pairs in y's dtype, then one converting copy
+        rows_out.copy_(torch.view_as_real(torch.complex(*pairs)).flatten(1))
+
+
+def _load_shuffled(dy, grad_out):
+    """dy[:, i * C/2 + j] = grad_out[:, 2j + i]: the upstream gradient in input channel order."""
+    _input_order(dy).copy_(_shuffled_order(grad_out))
 
 
 def forward(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
     params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
-    B, C = x.shape[:2]
     acc = acc_dtype(x.dtype)
     out = torch.empty_like(x)
+    mean = x.new_empty(x.shape[:2], dtype=acc)
+    rstd = torch.empty_like(mean)
     if x.numel() == 0:
-        zeros = x.new_zeros((B, C), dtype=acc)
-        return out, zeros, zeros.clone()
-    xa = x.to(acc)  # a float32 copy for half-precision x only
-    # Two-pass variance from the centred values, which the gate needs anyway (on CPU this
-    # is also several times faster than torch.var_mean over small planes).
-    mean = xa.mean(dim=(2, 3))
-    centred = xa - mean[:, :, None, None]
-    rstd = torch.rsqrt(centred.square().mean(dim=(2, 3)) + eps)
-    alpha, beta = _gate_coefficients(mean, rstd, params, groups)
-    gate = torch.addcmul(_plane(beta), centred, _plane(alpha)).sigmoid_()
-    torch.mul(_input_order(xa), _input_order(gate), out=_shuffled_order(out))
+        return out, mean.zero_(), rstd.zero_()
+    chunk = _forward_branches if _planes_contiguous(x) else _forward_planes
+    _in_chunks(chunk, (x, out, mean, rstd), _Constants(params, acc), groups, eps)
     return out, mean, rstd
+
+
+def _forward_planes(x, out, mean, rstd, k, groups, eps):
+    """Any layout: every plane gated as a spatial one (alpha = 0 on channel planes)."""
+    xa = x.to(mean.dtype)  # a copy for half-precision x only
+    torch.mean(xa, (2, 3), out=mean)
+    # Two-pass variance from the centred values (no cancellation); the buffer then takes
+    # the gate, whose argument alpha * x + (beta - alpha * mean) needs no centred values.
+    t = xa - _plane(mean)
+    torch.mean(t.square_(), (2, 3), out=rstd).add_(eps).rsqrt_()
+    alpha, offset = torch.zeros_like(mean), torch.empty_like(mean)
+    (mc, ms), (_, rs) = _branches(mean, groups), _branches(rstd, groups)
+    (_, a_s), (o_c, o_s) = _branches(alpha, groups), _branches(offset, groups)
+    torch.addcmul(k.cbias, k.cweight, mc, out=o_c)
+    torch.addcmul(k.shift, torch.mul(k.scale, rs, out=a_s), ms, value=-1, out=o_s)
+    torch.addcmul(_plane(offset), xa, _plane(alpha), out=t).sigmoid_()
+    _store_shuffled(out, t.mul_(xa))
+
+
+def _forward_branches(x, out, mean, rstd, k, groups, eps):
+    """Contiguous planes: channel-branch planes one multiply each, the sigmoid on spatial ones only."""
+    xa = x.to(mean.dtype)
+    torch.mean(xa, (2, 3), out=mean)
+    t = xa - _plane(mean)
+    torch.linalg.vector_norm(t, dim=(2, 3), out=rstd)
+    rstd.square_().div_(x.shape[2] * x.shape[3]).add_(eps).rsqrt_()
+    (mc, _), (_, rs) = _branches(mean, groups), _branches(rstd, groups)
+    (xc, xs), (tc, ts) = _branches(xa, groups), _branches(t, groups)
+    # Spatial planes: their centred values, gated in place.
+    torch.addcmul(_plane(k.shift), ts, _plane(k.scale * rs), out=ts).sigmoid_().mul_(xs)
+    constant = torch.addcmul(k.cbias, k.cweight, mc).sigmoid_()
+    torch.mul(xc, _plane(constant), out=tc)
+    _store_shuffled(out, t)
 
 
 def backward(grad_out, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, mean, rstd, groups, eps):
@@ -89,44 +170,97 @@ def backward(grad_out, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, me
     dgn_weight = sweight * S2, dgn_bias = sweight * S1 on the spatial planes.
     """
     params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
-    B, C, H, W = x.shape
     dx = torch.empty_like(x)
     if x.numel() == 0:
         return (dx,) + tuple(torch.zeros_like(p) for p in params)
-    acc = mean.dtype
-    n = H * W
-    alpha, beta = _gate_coefficients(mean, rstd, params, groups)
-    xa = x.to(acc)
-    xc = xa - _plane(mean)
-    s = torch.addcmul(_plane(beta), xc, _plane(alpha)).sigmoid_()
-    # grad_out gathered into input channel order once (x's layout, accumulation dtype), so
-    # everything below is plain 4-D elementwise work.
-    dy = torch.empty_like(x, dtype=acc)
-    _input_order(dy).copy_(_shuffled_order(grad_out))
-    dy_s = dy.mul_(s)
-    dt = dy_s * xa * s.neg_().add_(1)  # s is not needed after this: 1 - s in place
-    s1 = dt.sum((2, 3))
-    s2 = (dt * xc).sum((2, 3)) * rstd
-
-    cweight_a = cweight.to(acc)
-    s1_b, s2_b = _branches(s1, groups), _branches(s2, groups)
-    alpha_s, rstd_s = _branches(alpha, groups)[:, :, 1], _branches(rstd, groups)[:, :, 1]
-    k0 = torch.stack((cweight_a * s1_b[:, :, 0] / n, -alpha_s * s1_b[:, :, 1] / n), 2).view(B, C)
-    k1 = torch.stack((torch.zeros_like(alpha_s), -alpha_s * rstd_s * s2_b[:, :, 1] / n), 2).view(B, C)
-    dx.copy_(dy_s.addcmul_(dt, _plane(alpha)).add_(_plane(k0)).addcmul_(xc, _plane(k1)))
+    k = _Constants(params, mean.dtype)
+    s1, s2 = torch.empty_like(mean), torch.empty_like(mean)
+    chunk = _backward_branches if _planes_contiguous(x) else _backward_planes
+    _in_chunks(chunk, (grad_out, x, dx, mean, rstd, s1, s2), k, groups)
 
     # Fixed-order reductions over (batch, group): bitwise reproducible.
-    sum_c = s1_b[:, :, 0].sum((0, 1))
-    sum_cm = (s1_b[:, :, 0] * _branches(mean, groups)[:, :, 0]).sum((0, 1))
-    sum_s1 = s1_b[:, :, 1].sum((0, 1))
-    sum_s2 = s2_b[:, :, 1].sum((0, 1))
-    sweight_a, gn_weight_a, gn_bias_a = (p.to(acc) for p in (sweight, gn_weight, gn_bias))
+    (s1c, s1s), (_, s2s), (mc, _) = _branches(s1, groups), _branches(s2, groups), _branches(mean, groups)
+    dcweight, dcbias, dsbias, ds2 = torch.stack((s1c * mc, s1c, s1s, s2s)).sum((1, 2))
     grads = (
-        sum_cm,                                   # cweight
-        sum_c,                                    # cbias
-        gn_weight_a * sum_s2 + gn_bias_a * sum_s1,  # sweight
-        sum_s1,                                   # sbias
-        sweight_a * sum_s2,                       # gn_weight
-        sweight_a * sum_s1,                       # gn_bias
+        dcweight,
+        dcbias.clone(),  # one storage among the outputs: an op's outputs may not alias
+        torch.addcmul(k.gn_weight * ds2, k.gn_bias, dsbias),  # sweight
+        dsbias.clone(),
+        k.sweight * ds2,                                     # gn_weight
+        k.sweight * dsbias,                                  # gn_bias
     )
-    return (dx,) + tuple(g.to(p.dtype).view_as(p) for g, p in zip(grads, params))
+    return (dx,) + tuple(g if g.dtype == p.dtype and g.shape == p.shape else g.to(p.dtype).view_as(p)
+                         for g, p in zip(grads, params))
+
+
+def _gradient_buffer(dx, xa):
+    """Where dx is built: dx itself where it has the accumulation dtype, else a buffer like xa."""
+    return dx if dx.dtype == xa.dtype else torch.empty_like(xa)
+
+
+def _backward_planes(grad_out, x, dx, mean, rstd, s1, s2, k, groups):
+    """Any layout: every plane in the spatial form (alpha = 0 on channel planes)."""
+    n = x.shape[2] * x.shape[3]
+    xa = x.to(mean.dtype)
+    # Centred values, not x: S2 and dx's xhat term from x itself would lose digits to
+    # cancellation on planes whose mean is large against their spread.
+    centred = xa - _plane(mean)
+    alpha, beta, f0, f1 = (torch.zeros_like(mean) for _ in range(4))
+    (mc, _), (_, rs) = _branches(mean, groups), _branches(rstd, groups)
+    (_, a_s), (b_c, b_s) = _branches(alpha, groups), _branches(beta, groups)
+    torch.mul(k.scale, rs, out=a_s)
+    torch.addcmul(k.cbias, k.cweight, mc, out=b_c)
+    b_s.copy_(k.shift)
+    s = torch.addcmul(_plane(beta), centred, _plane(alpha)).sigmoid_()
+    dy = _gradient_buffer(dx, xa)
+    _load_shuffled(dy, grad_out)
+    dy.mul_(s)                                  # dy * s
+    dt = torch.mul(dy, xa)
+    dt.addcmul_(dt, s, value=-1)                # dy * x * s * (1 - s)
+    torch.sum(dt, (2, 3), out=s1)
+    dy.addcmul_(dt, _plane(alpha))
+    torch.sum(dt.mul_(centred), (2, 3), out=s2).mul_(rstd)
+    # dx = dy * s + alpha * dt + f1 * (x - mean) + f0: channel planes f0 = cweight * S1 / N;
+    # spatial planes f0 = -alpha * S1 / N, f1 = -alpha * rstd * S2 / N.
+    (s1c, s1s), (_, s2s) = _branches(s1, groups), _branches(s2, groups)
+    (f0c, f0s), (_, f1s) = _branches(f0, groups), _branches(f1, groups)
+    torch.mul(k.cweight, s1c, out=f0c).div_(n)
+    torch.mul(a_s, s1s, out=f0s).div_(-n)
+    torch.mul(a_s * rs, s2s, out=f1s).div_(-n)
+    dy.addcmul_(centred, _plane(f1)).add_(_plane(f0))
+    if dy is not dx:
+        dx.copy_(dy)
+
+
+def _backward_branches(grad_out, x, dx, mean, rstd, s1, s2, k, groups):
+    """Contiguous planes: channel-branch planes take their closed form on their own views."""
+    n = x.shape[2] * x.shape[3]
+    xa = x.to(mean.dtype)
+    dy = _gradient_buffer(dx, xa)
+    _load_shuffled(dy, grad_out)
+    (mc, ms), (_, rs) = _branches(mean, groups), _branches(rstd, groups)
+    (xc, xs), (yc, ys) = _branches(xa, groups), _branches(dy, groups)
+    (s1c, s1s), (s2c, s2s) = _branches(s1, groups), _branches(s2, groups)
+
+    # Channel planes: s constant, S1 = s * (1 - s) * sum(dy * x).
+    constant = torch.addcmul(k.cbias, k.cweight, mc).sigmoid_()
+    torch.sum(yc * xc, (-2, -1), out=s1c).mul_(constant).addcmul_(s1c, constant, value=-1)
+    s2c.zero_()
+
+    # Spatial planes.
+    alpha = k.scale * rs
+    centred = xs - _plane(ms)
+    s = torch.addcmul(_plane(k.shift), centred, _plane(alpha)).sigmoid_()
+    ys.mul_(s)                                  # dy * s
+    dt = torch.mul(ys, xs)
+    dt.addcmul_(dt, s, value=-1)                # dy * x * s * (1 - s)
+    torch.sum(dt, (-2, -1), out=s1s)
+    ys.addcmul_(dt, _plane(alpha))
+    torch.sum(dt.mul_(centred), (-2, -1), out=s2s).mul_(rs)
+    # dx = dy * s + alpha * dt - alpha * (S1 + xhat * S2) / N
+    ys.addcmul_(centred, _plane(alpha * rs * s2s), value=-1.0 / n).sub_(_plane(alpha * s1s / n))
+
+    # Channel planes: dx = dy * s + cweight * S1 / N.
+    torch.addcmul(_plane(k.cweight * s1c / n), yc, _plane(constant), out=yc)
+    if dy is not dx:
+        dx.copy_(dy)
