@@ -39,6 +39,12 @@ def run(route_, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, e
 
 def run_eager(route_, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
     """``run`` outside compiled graphs: plain tensors take the lean native binding."""
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (jvp, jacfwd, grad, vmap) sees through standard operators only: the ops'
+        # autograd has no forward-mode rule, and a Python custom op under jvp gives zero
+        # tangents without a word. The same function in standard operators serves every transform.
+        flat = (p.reshape(-1) for p in (cweight, cbias, sweight, sbias, gn_weight, gn_bias))
+        return forward_decomposed(x, *flat, groups, eps)[0]
     if route_ is NATIVE and type(x) is torch.Tensor:
         return _fast_native(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
     return run(route_, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
@@ -58,6 +64,8 @@ def shuffle_attention(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, gro
     ``backend`` is ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"``.
     """
     check_tensor(x)
+    if isinstance(groups, bool):  # torch.ops would take it for an int
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
     params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
     if torch.onnx.is_in_onnx_export():
         # ONNX has no sa_kernels op: export the same function in standard operators.

@@ -36,11 +36,15 @@ class FusedShuffleAttention(nn.Module):
 
     def forward(self, x):
         gn = self._modules["gn"]
+        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            params = (self.cweight, self.cbias, self.sweight, self.sbias, gn.weight, gn.bias)
+            return functional.shuffle_attention(x, *params, self.G, gn.eps, self._backend)
         # Parameters straight from their dicts: this method is the module's whole per-call cost.
         p, gp = self._parameters, gn._parameters
-        params = (p["cweight"], p["cbias"], p["sweight"], p["sbias"], gp["weight"], gp["bias"])
-        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
-            return functional.shuffle_attention(x, *params, self.G, gn.eps, self._backend)
+        try:
+            params = (p["cweight"], p["cbias"], p["sweight"], p["sbias"], gp["weight"], gp["bias"])
+        except KeyError:  # a parametrization, pruning or plain tensor: computed on attribute access
+            params = (self.cweight, self.cbias, self.sweight, self.sbias, gn.weight, gn.bias)
         try:
             route = self._routes[(x.device, x.dtype)]
         except KeyError:

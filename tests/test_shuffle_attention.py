@@ -1,6 +1,8 @@
 """Forward and every gradient of each backend against the float64 reference."""
 import pytest
 import torch
+from torch import nn
+from torch.nn.utils import parametrize, prune
 
 import sa_kernels
 from helpers import (TOLERANCES, assert_matches_reference, naive_shuffle_attention, random_input,
@@ -148,3 +150,60 @@ def test_an_infinity_in_a_channel_branch_plane_gives_the_references_output(backe
     assert torch.isfinite(expected).sum() >= expected.numel() - 3  # at most the infinities' own elements
     assert torch.equal(torch.isnan(out), torch.isnan(expected))
     torch.testing.assert_close(out.to(torch.float64), expected, equal_nan=True, **TOLERANCES[dtype])
+
+
+class _Doubled(nn.Module):
+    def forward(self, p):
+        return 2 * p
+
+
+def _reparametrized(module):
+    """A parametrization on cweight and gn.weight, and sweight pruned (a forward pre-hook sets it)."""
+    parametrize.register_parametrization(module, "cweight", _Doubled())
+    parametrize.register_parametrization(module.gn, "weight", _Doubled())
+    prune.l1_unstructured(module, "sweight", amount=2)
+    return module
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_parametrized_and_pruned_parameters_are_read_as_attributes(backend, device, compiled):
+    # Such parameters leave the module's _parameters dict: the fused module must read them as
+    # the reference does, through attribute access, and their gradients reach the originals.
+    ref = random_reference(32, 2, device=device, dtype=torch.float64)
+    fused = _reparametrized(fused_copy(ref, backend))
+    ref = _reparametrized(ref)
+    x = random_input((2, 32, 5, 6), torch.float64, device)
+    run = torch.compile(fused, fullgraph=True) if compiled else fused
+    out = run(x)
+    expected = ref(x)
+    torch.testing.assert_close(out, expected, **TOLERANCES[torch.float64])
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    expected.backward(dy)
+    for (name, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOLERANCES[torch.float64], msg=name)
+
+
+def test_torch_func_transforms_give_the_references_derivatives(backend, device):
+    # jvp and jacfwd have no rule in the ops' autograd; a Python custom op gave zero tangents
+    # without a word. Under torch.func the module computes in standard operators.
+    ref = random_reference(16, 2, device=device, dtype=torch.float64)
+    fused = fused_copy(ref, backend)
+    x = random_input((2, 16, 3, 4), torch.float64, device)
+    t = torch.randn_like(x)
+    out, tangent = torch.func.jvp(fused, (x,), (t,))
+    ref_out, ref_tangent = torch.func.jvp(ref, (x,), (t,))
+    assert tangent.abs().max() > 0.1
+    torch.testing.assert_close(out, ref_out, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(tangent, ref_tangent, **TOLERANCES[torch.float64])
+    x1 = x[:1, :, :2, :2]
+    torch.testing.assert_close(torch.func.jacfwd(fused)(x1), torch.func.jacfwd(ref)(x1), **TOLERANCES[torch.float64])
+    torch.testing.assert_close(torch.func.grad(lambda v: fused(v).square().sum())(x),
+                               torch.func.grad(lambda v: ref(v).square().sum())(x), **TOLERANCES[torch.float64])
+
+
+def test_groups_true_is_refused_by_every_backend(backend, device):
+    ref = random_reference(16, 1, device=device)
+    x = random_input((2, 16, 3, 3), torch.float32, device)
+    with pytest.raises(ValueError, match="groups must be a positive int, got True"):
+        sa_kernels.shuffle_attention(x, *ref.parameters(), groups=True, backend=backend)
