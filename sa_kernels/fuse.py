@@ -223,7 +223,8 @@ def _probe_context(device):
 
 def _verify(module, fused, layout):
     """None if ``module`` and ``fused`` agree on a random probe, at the current and at random
-    parameter values; else the reason. Neither module nor any RNG stream is changed."""
+    parameter values, in training and in eval mode; else the reason. Neither module (its mode
+    included) nor any RNG stream is changed."""
     params = [module.get_parameter(n) for n in layout.param_names]
     device, dtype = params[0].device, params[0].dtype
     # Drawn on the CPU (a generator exists for every device there) and moved: bit-identical probes
@@ -243,25 +244,44 @@ def _verify(module, fused, layout):
          lambda: torch.func.functional_call(fused, dict(zip(FUSED_NAMES, random_values)), (x,))),
     )
     tol = PROBE_TOLERANCE[dtype]
-    with _probe_context(device):
-        for label, run_original, run_fused in runs:
-            try:
-                expected = run_original()
-            except Exception as e:  # a look-alike may refuse the probe in any way
-                return f"it raised {type(e).__name__} on a {tuple(x.shape)} probe: {e}"
-            if not isinstance(expected, torch.Tensor) or expected.shape != x.shape:
-                what = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__
-                return f"it returned {what} for a {tuple(x.shape)} input, not a tensor of that shape"
-            try:
-                got = run_fused()
-            except Exception as e:
-                return f"the fused module raised {type(e).__name__} on the probe: {e}"
-            expected, got = expected.to(torch.float64), got.to(torch.float64)
-            excess = ((got - expected).abs() - tol * (1 + expected.abs())).max().item()
-            if not excess <= 0:  # also catches NaN
-                err = (got - expected).abs().max().item()
-                return (f"it does not compute Shuffle Attention: with {label} its output differs from "
-                        f"the fused module's by up to {err:.3g} (tolerance {tol:.3g} x (1 + |out|) for {dtype})")
+    # Both modes: a look-alike may act differently in training (a dropout child, say) and the
+    # swap outlives the mode the model is in now.
+    modes = [(m, m.training) for m in (*module.modules(), *fused.modules())]
+    try:
+        with _probe_context(device):
+            for training in (module.training, not module.training):
+                module.train(training)
+                fused.train(training)
+                for label, run_original, run_fused in runs:
+                    reason = _compare(x, label + (" in training mode" if training else " in eval mode"),
+                                      run_original, run_fused, tol, dtype)
+                    if reason is not None:
+                        return reason
+    finally:
+        for m, training in modes:
+            m.training = training
+    return None
+
+
+def _compare(x, label, run_original, run_fused, tol, dtype):
+    """None if the two runs agree within tol x (1 + |out|), else the reason."""
+    try:
+        expected = run_original()
+    except Exception as e:  # a look-alike may refuse the probe in any way
+        return f"it raised {type(e).__name__} on a {tuple(x.shape)} probe: {e}"
+    if not isinstance(expected, torch.Tensor) or expected.shape != x.shape:
+        what = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__
+        return f"it returned {what} for a {tuple(x.shape)} input, not a tensor of that shape"
+    try:
+        got = run_fused()
+    except Exception as e:
+        return f"the fused module raised {type(e).__name__} on the probe: {e}"
+    expected, got = expected.to(torch.float64), got.to(torch.float64)
+    excess = ((got - expected).abs() - tol * (1 + expected.abs())).max().item()
+    if not excess <= 0:  # also catches NaN
+        err = (got - expected).abs().max().item()
+        return (f"it does not compute Shuffle Attention: with {label} its output differs from "
+                f"the fused module's by up to {err:.3g} (tolerance {tol:.3g} x (1 + |out|) for {dtype})")
     return None
 
 
@@ -310,15 +330,24 @@ class _SaveUnderOriginalNames:
 
 
 class _LoadFromOriginalNames:
-    """load_state_dict pre-hook of a swapped module: reads the original's names (and the fused ones)."""
+    """load_state_dict hooks of a swapped module: reads the original's names (and the fused ones),
+    and reports its missing keys under the original's names, the keys its state_dict has."""
 
     def __init__(self, names):
         self.names = names
+        self.prefixes = []  # where the pre-hook saw this module in the load under way
 
     def __call__(self, module, state_dict, prefix, *unused):
+        self.prefixes.append(prefix)
         for fused_name, name in self.names.items():
             if name != fused_name and prefix + name in state_dict:
                 state_dict[prefix + fused_name] = state_dict.pop(prefix + name)
+
+    def rename_missing(self, module, incompatible_keys):
+        original = {p + f: p + n for p in self.prefixes for f, n in self.names.items()}
+        self.prefixes = []
+        missing = incompatible_keys.missing_keys
+        missing[:] = [original.get(key, key) for key in missing]
 
 
 def _keep_original_keys(fused, module, layout):
@@ -329,7 +358,9 @@ def _keep_original_keys(fused, module, layout):
     if list(names.items()) == list(zip(FUSED_NAMES, FUSED_NAMES)):
         return
     fused.register_state_dict_post_hook(_SaveUnderOriginalNames(names, layout.gn_name))
-    fused.register_load_state_dict_pre_hook(_LoadFromOriginalNames(names))
+    loader = _LoadFromOriginalNames(names)
+    fused.register_load_state_dict_pre_hook(loader)
+    fused.register_load_state_dict_post_hook(loader.rename_missing)
 
 
 class _Planner:

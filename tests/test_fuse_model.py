@@ -408,6 +408,43 @@ def test_train_and_eval_modes_are_kept():
     assert model.training and model[0].training and not model[1].training
 
 
+class DropoutChildSA(OfficialSALayer):
+    """A look-alike whose stateless child acts in training mode only."""
+
+    def __init__(self, channel, groups=64):
+        super().__init__(channel, groups)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(super().forward(x))
+
+
+def test_a_look_alike_that_differs_only_in_training_is_left_alone_from_eval_mode():
+    # Checked in the mode the model is in, it would pass in eval mode and lose its dropout
+    # once the model trains again: both modes are checked, and the modes are left as found.
+    model = nn.Sequential(randomise(OfficialSALayer(32, 4)), DropoutChildSA(32, 4)).eval()
+    model[1].drop.train()
+    _, report = fuse_model(model, report=True)
+    assert [n for n, _ in report.swapped] == ["0"]
+    [(name, _, reason)] = report.skipped
+    assert name == "1" and "in training mode" in reason
+    assert not model.training and not model[1].training and model[1].drop.training
+
+
+def test_missing_keys_are_reported_under_the_original_names():
+    model = nn.Sequential(randomise(RenamedSA(32, 4)))
+    keys = list(model.state_dict())
+    fuse_model(model, strict=True)
+    partial = model.state_dict()
+    del partial["0.weight_c"], partial["0.norm.bias"]
+    result = model.load_state_dict(partial, strict=False)
+    assert sorted(result.missing_keys) == ["0.norm.bias", "0.weight_c"] and not result.unexpected_keys
+    assert set(result.missing_keys) <= set(keys)
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "0.weight_c", "0.norm.bias"'):
+        model.load_state_dict(partial)
+    assert not model[0].load_state_dict(model[0].state_dict()).missing_keys  # its own prefix too
+
+
 def test_checking_leaves_parameters_gradients_and_rng_untouched():
     class DropoutSA(OfficialSALayer):
         """A look-alike that draws from the global RNG in its forward."""
@@ -437,7 +474,7 @@ def test_the_check_runs_outside_the_callers_autocast_and_grad_mode():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, report = fuse_model(model, report=True)
     assert report.swapped == [("body.0", "RecordingSA")]
-    assert seen == [(False, False, torch.float32)] * 2  # current and random parameters
+    assert seen == [(False, False, torch.float32)] * 4  # current and random parameters, both modes
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
