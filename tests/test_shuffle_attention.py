@@ -152,6 +152,27 @@ def test_an_infinity_in_a_channel_branch_plane_gives_the_references_output(backe
     torch.testing.assert_close(out.to(torch.float64), expected, equal_nan=True, **TOLERANCES[dtype])
 
 
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_infinity_in_a_spatial_branch_plane_makes_its_plane_nan_as_the_reference(backend, device, dtype, fmt):
+    # GroupNorm of a plane holding an infinity is NaN throughout (inf - inf in its variance):
+    # the reference's output plane is NaN, and so must the fused one be, not gated to zeros.
+    C, G = 96, 8
+    ref = random_reference(C, G, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    x = random_input((2, C, 5, 7), dtype, device, FORMATS[fmt])
+    x[0, 7, 1, 2] = float("inf")    # index 7 in its group of 12: spatial branch
+    x[1, 55, 0, 0] = float("-inf")  # channel 55 (second half), a plane's first value
+    with torch.no_grad():
+        out = fused_copy(ref, backend)(x)
+        expected = sa_kernels.ShuffleAttention(C, G=G).to(device, torch.float64)
+        expected.load_state_dict(ref.state_dict())
+        expected = expected(x.to(torch.float64))
+    # Output channel 2j + i holds input channel i * C/2 + j.
+    assert torch.isnan(expected[0, 14]).all() and torch.isnan(expected[1, 15]).all()
+    assert torch.isnan(expected).sum() == 2 * 5 * 7
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    torch.testing.assert_close(out.to(torch.float64), expected, equal_nan=True, **TOLERANCES[dtype])
+
 class _Doubled(nn.Module):
     def forward(self, p):
         return 2 * p
@@ -173,7 +194,7 @@ def test_parametrized_and_pruned_parameters_are_read_as_attributes(backend, devi
     fused = _reparametrized(fused_copy(ref, backend))
     ref = _reparametrized(ref)
     x = random_input((2, 32, 5, 6), torch.float64, device)
-    run = torch.compile(fused, fullgraph=True) if compiled else fused
+    run = torch.compile(fused, fullgraph=True, backend="aot_eager") if compiled else fused
     out = run(x)
     expected = ref(x)
     torch.testing.assert_close(out, expected, **TOLERANCES[torch.float64])

@@ -378,7 +378,8 @@ void parallel_over_blocks(const Geometry& g, int64_t per_block, F&& chunk) {
 
 // Mean and rstd of `count` planes from their shifted sums (ShiftedSums), as vectors: where
 // planes are small, their scalar division, square root and division cost as much as the
-// plane's own arithmetic. var < 0 (rounding) and NaN are taken as 0.
+// plane's own arithmetic. var < 0 (rounding) is taken as 0; a NaN var (an infinity in the
+// plane: inf - inf) stays NaN, so a spatial plane's output is NaN as GroupNorm's is.
 template <typename A>
 void block_moments(const A* shift, const A* sum1, const A* sum2, int64_t count, int64_t n,
                    double eps, A* mean, A* rstd) {
@@ -389,7 +390,7 @@ void block_moments(const A* shift, const A* sum1, const A* sum2, int64_t count, 
     const int lanes = int(std::min(N, count - i));
     const V d = V::loadu(sum1 + i, lanes) / vn;
     const V v = V::loadu(sum2 + i, lanes) / vn - d * d;
-    const V var = V::blendv(zero, v, v > zero);
+    const V var = V::blendv(v, zero, v < zero);
     (V::loadu(shift + i, lanes) + d).store(mean + i, lanes);
     (one / (var + veps).sqrt()).store(rstd + i, lanes);
   }
