@@ -228,3 +228,16 @@ def test_groups_true_is_refused_by_every_backend(backend, device):
     x = random_input((2, 16, 3, 3), torch.float32, device)
     with pytest.raises(ValueError, match="groups must be a positive int, got True"):
         sa_kernels.shuffle_attention(x, *ref.parameters(), groups=True, backend=backend)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("per_chunk", [1, 2], ids=["one-image-chunks", "two-image-chunks"])
+def test_torch_backend_in_chunks_of_images(monkeypatch, dtype, fmt, per_chunk):
+    # On a CPU the torch backend takes the batch a chunk of images at a time; the test shapes
+    # are one chunk at the default size, so chunks of one and two images (a short last one).
+    from sa_kernels.backends import torch_math
+    B, C, H, W, G = 5, 24, 5, 3, 2
+    monkeypatch.setattr(torch_math, "CHUNK_ELEMENTS", per_chunk * C * H * W)
+    ref = random_reference(C, G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    x = random_input((B, C, H, W), dtype, "cpu", FORMATS[fmt])
+    assert_matches_reference(ref, fused_copy(ref, "torch"), x)

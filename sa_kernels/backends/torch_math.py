@@ -10,7 +10,7 @@ plane) and spatial-branch planes have alpha = sweight * gn_weight * rstd,
 beta = sweight * gn_bias + sbias.
 
 Each eager op is a pass over memory, so the passes are what is kept few:
-* The batch is taken a chunk of images at a time (``CHUNK_ELEMENTS``): a chunk's
+* On a CPU the batch is taken a chunk of images at a time (``CHUNK_ELEMENTS``): a chunk's
   accumulation-dtype temporaries stay in cache from one op to the next, where whole-tensor
   temporaries of half-precision input were twice its size in memory, op after op.
 * Where each plane is a contiguous run (NCHW), the branches are computed on their own
@@ -18,9 +18,9 @@ Each eager op is a pass over memory, so the passes are what is kept few:
   pay for the sigmoid. In channels-last memory a branch's channels are runs of ``half``
   values (4 at G = 64, C = 512): too short for an op's inner loop, so there every plane
   takes the spatial form (alpha = 0 on channel planes).
-* The channel shuffle is folded into the final store. channels_last output pairs (channels
-  2j and 2j + 1 side by side) are written as complex numbers (``torch.complex``), whose
-  loop runs along j: a strided copy there iterates over pairs of two elements.
+* The channel shuffle is folded into the final store. On a CPU, channels_last output pairs
+  (channels 2j and 2j + 1 side by side) are written as complex numbers (``torch.complex``),
+  whose loop runs along j: a strided copy there iterates over pairs of two elements.
 
 Only x and the (B, C) statistics are saved for backward; the backward is the closed form
 in ``backward``, not autograd of the reference graph.
@@ -29,9 +29,10 @@ import torch
 
 from .._checks import acc_dtype
 
-# Elements of x per chunk of images (at least one image). A chunk is about a dozen ops, so
-# per-op overhead stays small against its work; its float32 temporaries (3 to 4 times its
-# size in bytes) stay within a core's L2 or the L3 of today's CPUs.
+# Elements of x per chunk of images on a CPU (at least one image). A chunk is about a dozen
+# ops, so per-op overhead stays small against its work; its float32 temporaries (3 to 4 times
+# its size in bytes) stay within a core's L2 or the L3 of today's CPUs. Other devices take the
+# batch whole: a chunk there costs a dozen kernel launches.
 CHUNK_ELEMENTS = 1 << 19
 
 
@@ -74,7 +75,7 @@ def _in_chunks(chunk, tensors, *args):
     """chunk(*tensors, *args) on chunks of images (slices of the batch) of about CHUNK_ELEMENTS."""
     x = tensors[0]
     per = max(1, CHUNK_ELEMENTS // x[0].numel())
-    if per >= x.shape[0]:
+    if per >= x.shape[0] or x.device.type != "cpu":
         chunk(*tensors, *args)
         return
     for b in range(0, x.shape[0], per):
@@ -93,7 +94,8 @@ class _Constants:
 
 def _store_shuffled(out, y):
     """out[:, 2j + i] = y[:, i * C/2 + j] (y in the accumulation dtype, out in x's)."""
-    rows_out, rows_y = _pixel_rows(out), _pixel_rows(y)
+    # Measured on CPUs only; elsewhere the strided copy.
+    rows_out, rows_y = (_pixel_rows(out), _pixel_rows(y)) if out.device.type == "cpu" else (None, None)
     if rows_out is None or rows_y is None:
         _shuffled_order(out).copy_(_input_order(y))
         return
