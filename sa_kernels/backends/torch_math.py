@@ -42,12 +42,12 @@ def unavailable_reason(device, build=True):
 
 def _input_order(t):
     """(B, C, H, W) -> (B, 2, C/2, H, W): channel c = i * C/2 + j sits at [:, i, j]."""
-    return t.unflatten(1, (2, t.shape[1] // 2))
+    return t.view(t.shape[0], 2, -1, *t.shape[2:])
 
 
 def _shuffled_order(t):
     """An output-ordered tensor viewed in input order: output channel 2j + i holds input i * C/2 + j."""
-    return t.unflatten(1, (t.shape[1] // 2, 2)).transpose(1, 2)
+    return t.view(t.shape[0], -1, 2, *t.shape[2:]).transpose(1, 2)
 
 
 def _plane(v):
@@ -57,7 +57,7 @@ def _plane(v):
 
 def _branches(t, groups):
     """(B, C, ...) -> (channel branch, spatial branch), each (B, G, half, ...)."""
-    return t.unflatten(1, (groups, 2, t.shape[1] // (2 * groups))).unbind(2)
+    return t.view(t.shape[0], groups, 2, -1, *t.shape[2:]).unbind(2)
 
 
 def _planes_contiguous(t):
@@ -87,7 +87,7 @@ class _Constants:
 
     def __init__(self, params, acc):
         self.cweight, self.cbias, self.sweight, self.sbias, self.gn_weight, self.gn_bias = (
-            p.to(acc) for p in params)
+            p if p.dtype == acc else p.to(acc) for p in params)
         self.scale = self.sweight * self.gn_weight                  # alpha = scale * rstd
         self.shift = torch.addcmul(self.sbias, self.sweight, self.gn_bias)  # beta of spatial planes
 
@@ -126,7 +126,7 @@ def forward(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
 
 def _forward_planes(x, out, mean, rstd, k, groups, eps):
     """Any layout: every plane gated as a spatial one (alpha = 0 on channel planes)."""
-    xa = x.to(mean.dtype)  # a copy for half-precision x only
+    xa = x if x.dtype == mean.dtype else x.to(mean.dtype)  # a copy for half-precision x only
     torch.mean(xa, (2, 3), out=mean)
     # Two-pass variance from the centred values (no cancellation); the buffer then takes
     # the gate, whose argument alpha * x + (beta - alpha * mean) needs no centred values.
@@ -143,7 +143,7 @@ def _forward_planes(x, out, mean, rstd, k, groups, eps):
 
 def _forward_branches(x, out, mean, rstd, k, groups, eps):
     """Contiguous planes: channel-branch planes one multiply each, the sigmoid on spatial ones only."""
-    xa = x.to(mean.dtype)
+    xa = x if x.dtype == mean.dtype else x.to(mean.dtype)
     torch.mean(xa, (2, 3), out=mean)
     t = xa - _plane(mean)
     torch.linalg.vector_norm(t, dim=(2, 3), out=rstd)
@@ -203,7 +203,7 @@ def _gradient_buffer(dx, xa):
 def _backward_planes(grad_out, x, dx, mean, rstd, s1, s2, k, groups):
     """Any layout: every plane in the spatial form (alpha = 0 on channel planes)."""
     n = x.shape[2] * x.shape[3]
-    xa = x.to(mean.dtype)
+    xa = x if x.dtype == mean.dtype else x.to(mean.dtype)
     # Centred values, not x: S2 and dx's xhat term from x itself would lose digits to
     # cancellation on planes whose mean is large against their spread.
     centred = xa - _plane(mean)
@@ -237,7 +237,7 @@ def _backward_planes(grad_out, x, dx, mean, rstd, s1, s2, k, groups):
 def _backward_branches(grad_out, x, dx, mean, rstd, s1, s2, k, groups):
     """Contiguous planes: channel-branch planes take their closed form on their own views."""
     n = x.shape[2] * x.shape[3]
-    xa = x.to(mean.dtype)
+    xa = x if x.dtype == mean.dtype else x.to(mean.dtype)
     dy = _gradient_buffer(dx, xa)
     _load_shuffled(dy, grad_out)
     (mc, ms), (_, rs) = _branches(mean, groups), _branches(rstd, groups)
