@@ -522,3 +522,27 @@ def test_empty_launches_nothing(emu, shape):
     assert launched == []
     _, _, launched = emu.backward(torch.empty(shape), x, params, torch.empty(shape[:2]), torch.empty(shape[:2]))
     assert launched == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, groups, memory_format, path", [
+    ((2, 96, 5, 7), 8, torch.contiguous_format, "forward_staged_kernel"),
+    ((2, 16, 64, 64), 2, torch.contiguous_format, "forward_held_kernel"),
+    ((1, 8, 256, 256), 2, torch.contiguous_format, "forward_two_sweep_kernel"),
+    ((2, 96, 14, 14), 8, torch.channels_last, "forward_channels_last_split_kernel"),
+])
+def test_an_infinity_makes_its_spatial_plane_nan_as_groupnorm_does(emu, dtype, shape, groups, memory_format, path):
+    # GroupNorm of a plane holding an infinity is NaN throughout; the kernels' statistics must
+    # carry that NaN into the plane's gate, not gate the plane to zeros.
+    C, half = shape[1], shape[1] // (2 * groups)
+    x = random_input(shape, dtype, "cpu", memory_format)
+    x[0, half + 1, 1, 2] = float("inf")           # a spatial-branch plane
+    x[-1, C // 2 + half, 0, 0] = float("-inf")    # another, at its first value
+    params = random_params(half)
+    out, _, _, launched = emu.forward(x, params)
+    assert launched[0].startswith(f"void sa_kernels::detail::{path}<"), launched
+    expected, _, _ = torch_math.forward(x.to(torch.float64), *params, groups, EPS)
+    assert int(torch.isnan(expected).sum()) == 2 * shape[2] * shape[3]
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    torch.testing.assert_close(out.to(torch.float64)[finite], expected[finite], **TOLERANCES[dtype])

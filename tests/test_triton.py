@@ -199,6 +199,28 @@ def test_channels_last_chunked(tdevice, launches, limits):
     assert launches.forward.chunked and launches.forward.block_j == 8
 
 
+@pytest.mark.parametrize("memory_format,chunked", [(NCHW, False), (NCHW, True), (CL, False)],
+                         ids=["single-sweep", "chunked", "channels-last"])
+def test_an_infinity_makes_its_spatial_plane_nan_as_groupnorm_does(tdevice, launches, limits, memory_format,
+                                                                    chunked):
+    if chunked:
+        limits(on_chip_values=16)
+    B, C, H, W, G = 2, 16, 5, 6, 2
+    ref = random_reference(C, G, device=tdevice)
+    x = random_input((B, C, H, W), torch.float32, tdevice, memory_format)
+    x[0, 5, 1, 2] = float("inf")     # index 5 of a group of 8: spatial branch
+    x[1, 12, 0, 0] = float("-inf")   # channel 12: index 4, spatial, at the plane's first value
+    with torch.no_grad():
+        out = FusedShuffleAttention.from_module(ref, backend="triton")(x)
+        expected = sa_kernels.ShuffleAttention(C, G=G).to(tdevice, torch.float64)
+        expected.load_state_dict(ref.state_dict())
+        expected = expected(x.to(torch.float64))
+    assert launches.forward.chunked == chunked
+    assert int(torch.isnan(expected).sum()) == 2 * H * W
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    torch.testing.assert_close(out.to(torch.float64), expected, equal_nan=True, **TOLERANCES[torch.float32])
+
+
 @pytest.mark.parametrize("view", ["sliced", "transposed", "channel_step"])
 def test_generic_strides(tdevice, launches, view):
     """Non-dense x is addressed through its strides; out and dx come from empty_like(x)."""
