@@ -13,6 +13,7 @@ import torch
 
 from . import _native
 from . import backends, ops  # noqa: F401  (ops registers torch.ops.sa_kernels.forward)
+from ._checks import check_inputs
 from .decomposition import forward_decomposed
 
 NATIVE = "native"
@@ -30,6 +31,8 @@ def route(backend, device):
 
 def run(route_, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
     """The output of one call along ``route_`` (see ``route``), through ``torch.ops``."""
+    if torch._C._are_functorch_transforms_active():  # see run_eager; inside compiled graphs too
+        return _in_standard_operators(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
     if route_ is NATIVE:
         return torch.ops.sa_kernels.shuffle_attention.default(
             x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)[0]
@@ -40,14 +43,19 @@ def run(route_, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, e
 def run_eager(route_, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
     """``run`` outside compiled graphs: plain tensors take the lean native binding."""
     if torch._C._are_functorch_transforms_active():
-        # torch.func (jvp, jacfwd, grad, vmap) sees through standard operators only: the ops'
-        # autograd has no forward-mode rule, and a Python custom op under jvp gives zero
-        # tangents without a word. The same function in standard operators serves every transform.
-        flat = (p.reshape(-1) for p in (cweight, cbias, sweight, sbias, gn_weight, gn_bias))
-        return forward_decomposed(x, *flat, groups, eps)[0]
+        return _in_standard_operators(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
     if route_ is NATIVE and type(x) is torch.Tensor:
         return _fast_native(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
     return run(route_, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
+
+
+def _in_standard_operators(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
+    """The output in standard operators, for torch.func transforms (jvp, jacfwd, grad, vmap):
+    they see through those only. The ops' autograd has no forward-mode rule, and a Python
+    custom op under jvp gives zero tangents without a word."""
+    params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
+    check_inputs(x, params, groups)
+    return forward_decomposed(x, *(p.reshape(-1) for p in params), groups, eps)[0]
 
 
 def check_tensor(x):

@@ -6,7 +6,7 @@ from torch.nn.utils import parametrize, prune
 
 import sa_kernels
 from helpers import (TOLERANCES, assert_matches_reference, naive_shuffle_attention, random_input,
-                     random_reference)
+                     random_reference, reference_outputs)
 
 # (B, C, H, W, G): odd and prime planes, 1x1, G = 1 and G = 64, batch 1.
 SHAPES = [
@@ -134,8 +134,8 @@ def test_an_infinity_in_a_channel_branch_plane_gives_the_references_output(backe
         pytest.xfail("the GPU kernels' gate alpha * (x - mean) + beta is NaN on such a plane, and their "
                      "Welford merges make its infinite mean NaN")
     if backend == "torch" and fmt == "channels_last":
-        pytest.xfail("the torch backend's channels-last path gates every plane as sigmoid(alpha * x + "
-                     "beta - alpha * mean), NaN on such a plane (alpha = 0)")
+        pytest.xfail("the torch backend's channels-last path gates every plane in the spatial form, "
+                     "sigmoid(alpha * x + ...) with alpha = 0 on channel planes: NaN where x is infinite")
     C, G = 96, 8
     ref = random_reference(C, G, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     x = random_input((2, C, 5, 7), dtype, device, FORMATS[fmt])
@@ -241,3 +241,38 @@ def test_torch_backend_in_chunks_of_images(monkeypatch, dtype, fmt, per_chunk):
     ref = random_reference(C, G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     x = random_input((B, C, H, W), dtype, "cpu", FORMATS[fmt])
     assert_matches_reference(ref, fused_copy(ref, "torch"), x)
+
+
+def test_torch_func_transforms_inside_compiled_graphs(backend, device):
+    ref = random_reference(16, 2, device=device, dtype=torch.float64)
+    fused = fused_copy(ref, backend)
+    x = random_input((2, 16, 3, 4), torch.float64, device)
+    t = torch.randn_like(x)
+    tangent = torch.compile(lambda v: torch.func.jvp(fused, (v,), (t,))[1], backend="eager", fullgraph=True)(x)
+    assert tangent.abs().max() > 0.1
+    torch.testing.assert_close(tangent, torch.func.jvp(ref, (x,), (t,))[1], **TOLERANCES[torch.float64])
+
+
+def test_torch_func_transforms_check_their_inputs(backend, device):
+    ref = random_reference(16, 2, device=device)
+    x = random_input((2, 24, 3, 3), torch.float32, device)
+    with pytest.raises(ValueError, match=r"x has 24 channels, expected 2 \* G \* half = 2 \* 2 \* 4 = 16"):
+        torch.func.jvp(fused_copy(ref, backend), (x,), (x,))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", ["1x1-planes", "constant-planes"])
+def test_planes_whose_mean_dwarfs_their_spread_keep_an_exact_gate(backend, device, dtype, fmt, case):
+    # Variance 0 makes rstd = 1 / sqrt(eps), about 316: a gate taken as alpha * x - alpha * mean
+    # rounds at the size of alpha * x, where alpha * (x - mean) is exactly 0. (The forward only:
+    # the backward of a constant plane cancels terms of that size in any float32 arithmetic.)
+    ref = random_reference(64, 4, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    if case == "1x1-planes":
+        x = (1000 + torch.randn(4, 64, 1, 1, dtype=torch.float64, device=device)).to(dtype)
+    else:
+        x = (1000 * torch.randn(2, 64, 1, 1, dtype=torch.float64, device=device)).expand(2, 64, 4, 4).to(dtype)
+    x = x.contiguous(memory_format=FORMATS[fmt])
+    with torch.no_grad():
+        out = fused_copy(ref, backend)(x)
+    expected, _, _ = reference_outputs(ref, x, torch.ones_like(x))
+    torch.testing.assert_close(out.to(torch.float64), expected, **TOLERANCES[dtype])

@@ -13,11 +13,11 @@ Each eager op is a pass over memory, so the passes are what is kept few:
 * On a CPU the batch is taken a chunk of images at a time (``CHUNK_ELEMENTS``): a chunk's
   accumulation-dtype temporaries stay in cache from one op to the next, where whole-tensor
   temporaries of half-precision input were twice its size in memory, op after op.
-* Where each plane is a contiguous run (NCHW), the branches are computed on their own
-  views: a channel-branch plane is one multiply by its gate, and only spatial-branch planes
-  pay for the sigmoid. In channels-last memory a branch's channels are runs of ``half``
-  values (4 at G = 64, C = 512): too short for an op's inner loop, so there every plane
-  takes the spatial form (alpha = 0 on channel planes).
+* Where each plane is a contiguous run (NCHW, and 1x1 planes in any layout), the branches
+  are computed on their own views: a channel-branch plane is one multiply by its gate, and
+  only spatial-branch planes pay for the sigmoid. In channels-last memory a branch's
+  channels are runs of ``half`` values (4 at G = 64, C = 512): too short for an op's inner
+  loop, so there every plane takes the spatial form (alpha = 0 on channel planes).
 * The channel shuffle is folded into the final store. On a CPU, channels_last output pairs
   (channels 2j and 2j + 1 side by side) are written as complex numbers (``torch.complex``),
   whose loop runs along j: a strided copy there iterates over pairs of two elements.
@@ -62,7 +62,7 @@ def _branches(t, groups):
 
 def _planes_contiguous(t):
     H, W = t.shape[2:]
-    return H * W > 1 and (W == 1 or t.stride(3) == 1) and (H == 1 or t.stride(2) == W)
+    return (W == 1 or t.stride(3) == 1) and (H == 1 or t.stride(2) == W)
 
 
 def _pixel_rows(t):
@@ -124,34 +124,58 @@ def forward(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
     return out, mean, rstd
 
 
+def _gates(mean, rstd, k, groups):
+    """(alpha, beta) per plane, the gate being sigmoid(alpha * (x - mean) + beta)."""
+    alpha, beta = torch.zeros_like(mean), torch.empty_like(mean)
+    (mc, _), (_, rs) = _branches(mean, groups), _branches(rstd, groups)
+    (_, a_s), (b_c, b_s) = _branches(alpha, groups), _branches(beta, groups)
+    torch.mul(k.scale, rs, out=a_s)
+    torch.addcmul(k.cbias, k.cweight, mc, out=b_c)
+    b_s.copy_(k.shift)
+    return alpha, beta
+
+
+def _shifted_moments(xa, mean, rstd, eps, sum_of_squares):
+    """x less its plane's first value (0 where that is not finite): t, and d = mean(t).
+
+    Sets ``mean`` = first + d and ``rstd`` from var = sum_of_squares(t) / N - d^2. As the
+    CPU kernels do: a value of the plane as the shift keeps a constant plane's t exactly 0
+    (a mean in floating point need not equal the value it averages, and alpha = 316 x scale
+    there), and the one-pass variance free of most of its cancellation."""
+    first = xa[:, :, 0, 0]
+    first = torch.where(torch.isfinite(first), first, 0)
+    t = xa - _plane(first)
+    d = t.mean((2, 3))
+    torch.add(first, d, out=mean)
+    var = sum_of_squares(t).div_(xa.shape[2] * xa.shape[3]).addcmul_(d, d, value=-1)
+    torch.rsqrt(var.clamp_min_(0).add_(eps), out=rstd)  # rounding may take var below 0; NaN stays
+    return t, d
+
+
 def _forward_planes(x, out, mean, rstd, k, groups, eps):
     """Any layout: every plane gated as a spatial one (alpha = 0 on channel planes)."""
     xa = x if x.dtype == mean.dtype else x.to(mean.dtype)  # a copy for half-precision x only
-    torch.mean(xa, (2, 3), out=mean)
-    # Two-pass variance from the centred values (no cancellation); the buffer then takes
-    # the gate, whose argument alpha * x + (beta - alpha * mean) needs no centred values.
-    t = xa - _plane(mean)
-    torch.mean(t.square_(), (2, 3), out=rstd).add_(eps).rsqrt_()
-    alpha, offset = torch.zeros_like(mean), torch.empty_like(mean)
-    (mc, ms), (_, rs) = _branches(mean, groups), _branches(rstd, groups)
-    (_, a_s), (o_c, o_s) = _branches(alpha, groups), _branches(offset, groups)
-    torch.addcmul(k.cbias, k.cweight, mc, out=o_c)
-    torch.addcmul(k.shift, torch.mul(k.scale, rs, out=a_s), ms, value=-1, out=o_s)
-    torch.addcmul(_plane(offset), xa, _plane(alpha), out=t).sigmoid_()
-    _store_shuffled(out, t.mul_(xa))
+    t, d = _shifted_moments(xa, mean, rstd, eps, lambda t: t.square().sum((2, 3)))
+    alpha, beta = _gates(mean, rstd, k, groups)
+    # alpha * (x - mean) + beta = alpha * t + (beta - alpha * d); channel planes (alpha = 0)
+    # keep beta as it is (an infinite d would make 0 * d NaN).
+    _, b_s = _branches(beta, groups)
+    torch.addcmul(b_s, _branches(alpha, groups)[1], _branches(d, groups)[1], value=-1, out=b_s)
+    gate = torch.addcmul(_plane(beta), t, _plane(alpha), out=t).sigmoid_()
+    _store_shuffled(out, gate.mul_(xa))
 
 
 def _forward_branches(x, out, mean, rstd, k, groups, eps):
     """Contiguous planes: channel-branch planes one multiply each, the sigmoid on spatial ones only."""
     xa = x if x.dtype == mean.dtype else x.to(mean.dtype)
-    torch.mean(xa, (2, 3), out=mean)
-    t = xa - _plane(mean)
-    torch.linalg.vector_norm(t, dim=(2, 3), out=rstd)
-    rstd.square_().div_(x.shape[2] * x.shape[3]).add_(eps).rsqrt_()
-    (mc, _), (_, rs) = _branches(mean, groups), _branches(rstd, groups)
+    t, d = _shifted_moments(xa, mean, rstd, eps,
+                            lambda t: torch.linalg.vector_norm(t, dim=(2, 3)).square_())
+    (mc, _), (_, rs), (_, ds) = _branches(mean, groups), _branches(rstd, groups), _branches(d, groups)
     (xc, xs), (tc, ts) = _branches(xa, groups), _branches(t, groups)
-    # Spatial planes: their centred values, gated in place.
-    torch.addcmul(_plane(k.shift), ts, _plane(k.scale * rs), out=ts).sigmoid_().mul_(xs)
+    # Spatial planes: alpha * (x - mean) + beta = alpha * t + (beta - alpha * d), in place in t.
+    alpha = k.scale * rs
+    offset = torch.addcmul(k.shift, alpha, ds, value=-1)
+    torch.addcmul(_plane(offset), ts, _plane(alpha), out=ts).sigmoid_().mul_(xs)
     constant = torch.addcmul(k.cbias, k.cweight, mc).sigmoid_()
     torch.mul(xc, _plane(constant), out=tc)
     _store_shuffled(out, t)
@@ -207,12 +231,9 @@ def _backward_planes(grad_out, x, dx, mean, rstd, s1, s2, k, groups):
     # Centred values, not x: S2 and dx's xhat term from x itself would lose digits to
     # cancellation on planes whose mean is large against their spread.
     centred = xa - _plane(mean)
-    alpha, beta, f0, f1 = (torch.zeros_like(mean) for _ in range(4))
-    (mc, _), (_, rs) = _branches(mean, groups), _branches(rstd, groups)
-    (_, a_s), (b_c, b_s) = _branches(alpha, groups), _branches(beta, groups)
-    torch.mul(k.scale, rs, out=a_s)
-    torch.addcmul(k.cbias, k.cweight, mc, out=b_c)
-    b_s.copy_(k.shift)
+    alpha, beta = _gates(mean, rstd, k, groups)
+    f0, f1 = torch.empty_like(mean), torch.zeros_like(mean)
+    (_, rs), (_, a_s) = _branches(rstd, groups), _branches(alpha, groups)
     s = torch.addcmul(_plane(beta), centred, _plane(alpha)).sigmoid_()
     dy = _gradient_buffer(dx, xa)
     _load_shuffled(dy, grad_out)
