@@ -142,8 +142,7 @@ def _shifted_moments(xa, mean, rstd, eps, sum_of_squares):
     CPU kernels do: a value of the plane as the shift keeps a constant plane's t exactly 0
     (a mean in floating point need not equal the value it averages, and alpha = 316 x scale
     there), and the one-pass variance free of most of its cancellation."""
-    first = xa[:, :, 0, 0]
-    first = torch.where(torch.isfinite(first), first, 0)
+    first = torch.nan_to_num(xa[:, :, 0, 0], nan=0.0, posinf=0.0, neginf=0.0)
     t = xa - _plane(first)
     d = t.mean((2, 3))
     torch.add(first, d, out=mean)
