@@ -28,6 +28,7 @@ from sa_kernels.bench import environment as environment_info
 _RUN_LOG = pytest.StashKey[runlog.RunLog]()
 _PROGRESS = pytest.StashKey[dict]()
 DEFAULT_RUN_JSON = os.path.join(".benchmarks", "sa_kernels", "last-run.json")
+WRAPPED_ENV = "SA_KERNELS_BENCH_WRAPPED"  # set by python -m sa_kernels.bench, which reports the run itself
 
 
 def pytest_addoption(parser):
@@ -69,9 +70,15 @@ def bench_device_type():
 
 def pytest_configure(config):
     threads = config.getoption("--sa-threads")
+    if threads is not None and threads < 1:
+        raise pytest.UsageError(f"--sa-threads must be at least 1, got {threads}")
+    seconds = config.getoption("--sa-seconds")
+    if seconds is not None and not seconds > 0:
+        raise pytest.UsageError(f"--sa-seconds must be more than 0, got {seconds}")
+    jobs = config.getoption("--sa-prewarm")
+    if jobs is not None and jobs < 0:
+        raise pytest.UsageError(f"--sa-prewarm must be 0 or more, got {jobs}")
     if threads is not None:
-        if threads < 1:
-            raise pytest.UsageError(f"--sa-threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     device_type = bench_device_type()
     try:
@@ -196,9 +203,11 @@ def pytest_sessionfinish(session):
 def pytest_terminal_summary(terminalreporter, config):
     log = config.stash.get(_RUN_LOG, None)
     if log is not None and log.rows:
+        # Under python -m sa_kernels.bench the file is renamed and reported next: no hint then.
+        hint = ("" if os.environ.get(WRAPPED_ENV) else
+                f"; report it with python -m sa_kernels.bench --json {log.path}")
         terminalreporter.write_line(f"sa-kernels: {len(log.rows)} cases in {log.path} "
-                                    f"({log.elapsed_s:.0f} s); report it with "
-                                    f"python -m sa_kernels.bench --json {log.path}")
+                                    f"({log.elapsed_s:.0f} s){hint}")
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

@@ -495,7 +495,7 @@ def _kernel(provider, mode, wall_us, device_us, case="seed 64x256x8x8 G8", dtype
             layout="nchw", shape=(64, 256, 8, 8), **extra):
     info = dict(kind="kernel", case=case, dtype=dtype, layout=layout, mode=mode, provider=provider,
                 shape=list(shape), input_bytes=MB, bytes_moved=metrics.bytes_moved(MB, mode),
-                wall_us=wall_us, device_us=device_us, launches=2.0, copy_gbps=8000.0,
+                wall_us=wall_us, device_us=device_us, launches=2.0,
                 peak_bytes=3 << 20, saved_bytes=1_048_576 if mode != "forward" else None,
                 **ENV, **extra)
     return {"name": f"test[{case}-{mode}-{provider}]", "extra_info": info,
@@ -573,9 +573,12 @@ def test_report_falls_back_on_the_large_copy_when_the_case_has_none():
                           if b["extra_info"].get("provider") != "copy"]
     fwd = next(r for r in report.rows_from_json(data)
                if r.info.get("provider") == "cuda" and r.info["mode"] == "forward")
+    # The run's large copy (its sa_kernels section: 4000 GB/s), as the suite's own rows have it.
     assert fwd.copy_reference == "large copy_"
-    assert fwd.pct_copy_device == pytest.approx(100 * 2 * MB / 8e-6 / 1e9 / 8000.0)
+    assert fwd.pct_copy_device == pytest.approx(100 * 2 * MB / 8e-6 / 1e9 / 4000.0)
     assert fwd.x_copy_wall is None
+    table = report.format_kernel_table(report.rows_from_json(data))
+    assert f"| {fwd.pct_copy_wall:.1f}% / {fwd.pct_copy_device:.1f}% |" in table  # the table shows it too
 
 
 def test_model_rows_carry_sa_cost_over_the_no_sa_network():
@@ -685,6 +688,20 @@ def test_merging_a_kernel_run_and_a_model_run():
     assert len(report.rows_from_json(merged)) == 10
 
 
+def test_two_runs_of_the_same_case_are_each_compared_within_their_own_run():
+    first, second = _synthetic_run(), _synthetic_run()
+    for bench in second["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if info.get("kind") == "kernel":
+            info["wall_us"] *= 3
+    rows = report.rows_from_json(report.merge([first, second]))
+    eager = [r for r in rows if r.info.get("provider") == "eager" and not r.is_model]
+    assert [r.speedup_vs_eager_wall for r in eager] == [1.0, 1.0]
+    cuda = [r for r in rows if r.info.get("provider") == "cuda" and r.info.get("mode") == "forward"]
+    assert [r.speedup_vs_eager_wall for r in cuda] == [pytest.approx(3.0), pytest.approx(3.0)]
+    assert [r.run for r in cuda] == [0, 1]
+
+
 def test_time_formats_and_slugs():
     assert report.format_time(12.345e-6) == "12.3 us"
     assert report.format_time(1.5e-3) == "1.50 ms"
@@ -767,3 +784,12 @@ def test_cli_merges_several_runs_into_one_report(tmp_path):
     assert len(merged["benchmarks"]) == 10
     text = (out / f"{stem}.md").read_text()
     assert "## Kernels" in text and "## End to end: SA-ResNet-50" in text
+
+
+@pytest.mark.parametrize("content", [None, "{not json"], ids=["missing", "not-json"])
+def test_cli_names_a_json_it_cannot_read_in_one_line(tmp_path, content):
+    path = tmp_path / "run.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit, match=r"^error: cannot read the run's JSON: "):
+        cli.main(["--json", str(path), "--out", str(tmp_path / "out"), "--no-plot"])

@@ -246,6 +246,30 @@ def test_a_stopped_run_leaves_a_valid_json_of_the_cases_it_finished(tmp_path):
     assert len(report.rows_from_json(data)) == len(data["benchmarks"])
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("--sa-seconds", "0", "--sa-seconds must be more than 0, got 0.0"),
+    ("--sa-seconds", "-1", "--sa-seconds must be more than 0, got -1.0"),
+    ("--sa-prewarm", "-3", "--sa-prewarm must be 0 or more, got -3"),
+    ("--sa-threads", "0", "--sa-threads must be at least 1, got 0"),
+])
+def test_nonsensical_options_are_refused(tmp_path, option, value, message):
+    command = [c for c in _suite_command(tmp_path / "run.json", "-k", "tiny") if c != option]
+    result = subprocess.run(command + [option, value], cwd=REPO, env=suite_env(),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 4 and message in result.stderr + result.stdout
+
+
+def test_the_wrapper_reports_its_run_without_a_hint_at_a_file_it_renames(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "sa_kernels.bench", "--out", str(out), "--no-plot",
+                             "--", "-k", "tiny and forward-copy", "-p", "no:cacheprovider",
+                             "--sa-seconds", "0.01", "--sa-prewarm", "0"],
+                            cwd=REPO, env=suite_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sa-kernels: 1 cases in" in result.stdout and "report it with" not in result.stdout
+    assert [p.suffix for p in sorted(out.iterdir())] == [".json", ".md"]
+
+
 # --- the GPU session script -------------------------------------------------------------------
 
 def _session(tmp_path, *stages, **env):

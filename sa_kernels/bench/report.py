@@ -33,6 +33,7 @@ class Row:
     wall_s: float
     device_s: Optional[float] = None
     derived: dict = field(default_factory=dict)
+    run: int = 0  # which of the merged runs it is from
 
     def __getattr__(self, name):
         info = self.__dict__.get("info", {})
@@ -53,13 +54,13 @@ class Row:
         i = self.info
         if self.is_model:
             return ("model", i.get("mode"), i.get("batch"), i.get("image"), i.get("layout"),
-                    i.get("precision"))
-        return ("kernel", i.get("case"), i.get("dtype"), i.get("layout", "nchw"), i.get("mode"))
+                    i.get("precision"), self.run)
+        return ("kernel", i.get("case"), i.get("dtype"), i.get("layout", "nchw"), i.get("mode"), self.run)
 
     @property
     def family(self):
         """The kernel case without its mode (where its ``copy`` is)."""
-        return self.key[:4]
+        return self.key[:4] + (self.run,)
 
     def get(self, name, default=None):
         try:
@@ -80,8 +81,9 @@ def merge(datas):
     merged = {"datetime": datas[0].get("datetime"), "machine_info": {}, "benchmarks": [],
               "sa_kernels": {}}
     section = merged["sa_kernels"]
-    for data in datas:
-        merged["benchmarks"] += data.get("benchmarks", [])
+    for run, data in enumerate(datas):
+        # Each benchmark keeps its run's index: rows are compared within their own run.
+        merged["benchmarks"] += [dict(bench, sa_run=run) for bench in data.get("benchmarks", [])]
         own = data.get("sa_kernels", {})
         for key, value in own.items():
             if key == "skipped":
@@ -114,8 +116,9 @@ def rows_from_json(data):
         if wall_s is None:
             continue
         device_s = None if info.get("device_us") is None else info["device_us"] * 1e-6
-        rows.append(Row(info, wall_s, device_s))
-    add_comparisons(rows)
+        rows.append(Row(info, wall_s, device_s, run=bench.get("sa_run", 0)))
+    copy = data.get("sa_kernels", {}).get("copy_bandwidth") or {}
+    add_comparisons(rows, copy.get("gbps"))
     first_seen = {}
     for row in rows:
         first_seen.setdefault(row.key, len(first_seen))
@@ -128,8 +131,9 @@ def _provider_rank(row):
     return (order.index(provider), "") if provider in order else (len(order), provider)
 
 
-def add_comparisons(rows):
-    """Fill each row's comparisons from the times of its case's other providers in the run."""
+def add_comparisons(rows, copy_gbps=None):
+    """Fill each row's comparisons from the times of its case's other providers in the run;
+    % of copy against ``copy_gbps`` (the run's large copy) where the case's copy was not run."""
     times = {}
     for row in rows:
         times[(row.key, row.info["provider"])] = (row.wall_s, row.device_s)
@@ -147,9 +151,8 @@ def add_comparisons(rows):
         input_bytes = row.info.get("input_bytes")
         if moved is None and input_bytes is not None:
             moved = metrics.bytes_moved(input_bytes, row.info["mode"])
-        fallback = row.info.get("copy_gbps")
         row.derived = metrics.comparisons(row.wall_s, row.device_s, moved, input_bytes or 0,
-                                          refs, fallback)
+                                          refs, copy_gbps)
         row.derived["gbps_wall"] = metrics.effective_gbps(moved, row.wall_s)
         row.derived["gbps_device"] = metrics.effective_gbps(moved, row.device_s)
     return rows
@@ -539,12 +542,12 @@ def write_plot(rows, path, title=""):
                        if clock == "device" else f"{mode}: {what} (wall time)", ylabel,
                        markers=dots(name), reference=ref, log=log)
     if model:
-        groups = list(dict.fromkeys(r.key[1:] for r in model))
+        groups = list(dict.fromkeys(r.key[1:6] for r in model))
         providers = list(dict.fromkeys(r.info["provider"] for r in model))
         _bar_panel(axes.pop(0), groups, providers,
-                   {(r.key[1:], r.info["provider"]): r.wall_s * 1e3 for r in model},
+                   {(r.key[1:6], r.info["provider"]): r.wall_s * 1e3 for r in model},
                    "SA-ResNet-50: ms per step (bars: wall; dots: device)", "ms",
-                   markers={(r.key[1:], r.info["provider"]): None if r.device_s is None
+                   markers={(r.key[1:6], r.info["provider"]): None if r.device_s is None
                             else r.device_s * 1e3 for r in model},
                    order=MODEL_PROVIDERS)
     if title:
