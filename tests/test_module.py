@@ -80,10 +80,16 @@ def test_deepcopy_and_pickle_round_trip():
         torch.testing.assert_close(clone(x), expected)
 
 
-@pytest.mark.parametrize("channel,G", [(30, 4), (8, 8), (0, 1)])
+@pytest.mark.parametrize("channel,G", [(30, 4), (8, 8)])
 def test_construction_rejects_channel_not_divisible_by_2G(channel, G):
-    with pytest.raises(ValueError, match=f"channel={channel}.*G={G}|channel={channel}"):
+    with pytest.raises(ValueError, match=rf"channel must be divisible by 2\*G: got channel={channel}, "
+                                         rf"G={G} \(channel % {2 * G} = {channel % (2 * G)}\)"):
         FusedShuffleAttention(channel, G=G)
+
+
+def test_construction_rejects_a_channel_count_below_1():
+    with pytest.raises(ValueError, match="channel must be a positive int, got channel=0"):
+        FusedShuffleAttention(0, G=1)
 
 
 def test_construction_rejects_unknown_backend():
@@ -145,7 +151,11 @@ def test_environment_variable_overrides_auto(monkeypatch):
     with pytest.raises(ValueError, match="SA_KERNELS_BACKEND must be one of"):
         FusedShuffleAttention(16, G=2)(x)
     monkeypatch.setenv("SA_KERNELS_BACKEND", "torch")
+    assert sa_kernels.backends.resolve_name("auto", x.device) == "torch"
     FusedShuffleAttention(16, G=2)(x)
+    monkeypatch.delenv("SA_KERNELS_BACKEND")
+    if sa_kernels.backends.unavailable_reason("cpu", x.device) is None:
+        assert sa_kernels.backends.resolve_name("auto", x.device) == "cpu"
 
 
 def test_autocast_bfloat16_on_cpu():
