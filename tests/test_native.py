@@ -268,6 +268,16 @@ def _assert_bitwise_equal(results, others):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("value", ["32M", "-1", "1e6"])
+def test_a_cache_size_that_is_not_a_byte_count_is_ignored_with_a_warning(value):
+    script = ("from sa_kernels import _native; import sys; "
+              "print('size', _native.cpu_cache_bytes()); sys.stdout.flush()")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, SA_KERNELS_CPU_CACHE_BYTES=value), check=True)
+    assert int(result.stdout.split("size")[1]) > 0  # the system's cache size instead
+    assert f"SA_KERNELS_CPU_CACHE_BYTES={value} is not a byte count" in result.stderr
+
+
 def test_outputs_streamed_past_the_cache_are_bitwise_those_stored_through_it(tmp_path):
     # Inputs and outputs larger than the last-level cache are written with non-temporal
     # stores. With the cache taken as 0 bytes every full, aligned vector streams (forward

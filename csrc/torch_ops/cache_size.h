@@ -8,18 +8,23 @@
 #include <fstream>
 #include <string>
 
+#include <c10/util/Exception.h>
+
 namespace sa_kernels {
 namespace cpu {
 
 // Linux names every cache of cpu0 in sysfs (index0, index1, ...; the highest level is the
 // last); where that is missing, 32 MiB. SA_KERNELS_CPU_CACHE_BYTES overrides the size (the
-// tests set 0 so that every full, aligned vector streams). Read once per process.
+// tests set 0 so that every full, aligned vector streams); a value that is not one is
+// ignored with a warning. Read once per process.
 inline int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
     if (const char* env = std::getenv("SA_KERNELS_CPU_CACHE_BYTES")) {
       char* end = nullptr;
       const long long value = std::strtoll(env, &end, 10);
       if (end != env && *end == '\0' && value >= 0) return int64_t(value);
+      TORCH_WARN("SA_KERNELS_CPU_CACHE_BYTES=", env, " is not a byte count (a whole number, 0 or "
+                 "more); the cache size read from the system is used instead");
     }
     int64_t found = 0;
     int best_level = 0;
