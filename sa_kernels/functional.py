@@ -41,11 +41,15 @@ def run(route_, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, e
 
 
 def run_eager(route_, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps):
-    """``run`` outside compiled graphs: plain tensors take the lean native binding."""
+    """``run`` outside compiled graphs: plain tensors take the lean native binding, or the
+    Python backends without the custom-op dispatch (``ops.EagerForward``)."""
     if torch._C._are_functorch_transforms_active():
         return _in_standard_operators(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
-    if route_ is NATIVE and type(x) is torch.Tensor:
-        return _fast_native(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
+    if type(x) is torch.Tensor:
+        if route_ is NATIVE:
+            return _fast_native(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
+        flat = (p.reshape(-1) for p in (cweight, cbias, sweight, sbias, gn_weight, gn_bias))
+        return ops.EagerForward.apply(x, *flat, groups, eps, route_)
     return run(route_, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
 
 

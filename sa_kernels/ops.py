@@ -68,3 +68,32 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
 
 
 forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerForward(torch.autograd.Function):
+    """An eager call of a Python backend (``triton``, ``torch``) for plain tensors: the ops' forward
+    and closed-form backward without the custom-op dispatch around each (on a CPU about 100 us
+    less per training call). Compiled graphs and tensor subclasses keep the ops."""
+
+    @staticmethod
+    def forward(ctx, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps, backend):
+        params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
+        check_inputs(x, params, groups)
+        impl = backends.resolve(backend, x.device)
+        out, mean, rstd = impl.forward(x, *params, groups, eps)
+        ctx.save_for_backward(x, *params, mean, rstd)
+        ctx.groups, ctx.eps, ctx.impl, ctx.backend = groups, eps, impl, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            # create_graph: through the op, whose own backward refuses to be differentiated
+            # (directly, the gradients would come out as constants: a gradient penalty's
+            # second-order term silently dropped).
+            grads = torch.ops.sa_kernels.backward(grad_out, *ctx.saved_tensors, ctx.groups, ctx.eps,
+                                                  ctx.backend)
+        else:
+            grads = ctx.impl.backward(grad_out, *ctx.saved_tensors, ctx.groups, ctx.eps)
+        grads = tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
+        return grads + (None, None, None)

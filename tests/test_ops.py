@@ -66,3 +66,21 @@ def test_compiled_graph_holds_one_forward_op(device):
     calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     ours = [t for t in calls if t in OP_NODES]
     assert len(ours) == 1
+
+
+def test_eager_calls_of_python_backends_take_one_autograd_node_and_refuse_double_backward(backend, device):
+    # Eager calls skip the custom-op dispatch (sa_kernels.ops.EagerForward); a second derivative
+    # must still fail loudly, never come out silently as a constant.
+    if backend in ("cpu", "cuda"):
+        pytest.skip("native backends: test_native.py and test_cuda.py")
+    ref = random_reference(16, 2, device=device, dtype=torch.float64)
+    fused = sa_kernels.FusedShuffleAttention.from_module(ref, backend=backend)
+    x = random_input((2, 16, 3, 4), torch.float64, device).requires_grad_()
+    out = fused(x)
+    assert type(out.grad_fn).__name__ == "EagerForwardBackward"
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    (expected,) = torch.autograd.grad(ref(x).square().sum(), x)
+    torch.testing.assert_close(gx, expected)
+    assert gx.requires_grad
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+        torch.autograd.grad(gx.sum(), x)
