@@ -175,7 +175,7 @@ def _forward_branches(x, out, mean, rstd, k, groups, eps):
     alpha = k.scale * rs
     offset = torch.addcmul(k.shift, alpha, ds, value=-1)
     torch.addcmul(_plane(offset), ts, _plane(alpha), out=ts).sigmoid_().mul_(xs)
-    constant = torch.addcmul(k.cbias, k.cweight, mc).sigmoid_()
+    constant = _constant_gates(k, mc)
     torch.mul(xc, _plane(constant), out=tc)
     _store_shuffled(out, t)
 
@@ -218,6 +218,23 @@ def backward(grad_out, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, me
                          for g, p in zip(grads, params))
 
 
+def _constant_gates(k, mean_c):
+    """sigmoid(cweight * mean + cbias): the one gate of each channel-branch plane."""
+    return torch.addcmul(k.cbias, k.cweight, mean_c).sigmoid_()
+
+
+def _through_the_gate(dy, x, centred, s, alpha, rstd, s1, s2):
+    """Planes gated by s = sigmoid(alpha * (x - mean) + beta), in place: dy becomes
+    dy * s + alpha * dt, with dt = dy * x * s * (1 - s) the gradient at the gate's argument;
+    s1 = sum(dt) and s2 = rstd * sum(dt * (x - mean)) per plane."""
+    dy.mul_(s)
+    dt = torch.mul(dy, x)
+    dt.addcmul_(dt, s, value=-1)
+    torch.sum(dt, (-2, -1), out=s1)
+    dy.addcmul_(dt, _plane(alpha))
+    torch.sum(dt.mul_(centred), (-2, -1), out=s2).mul_(rstd)
+
+
 def _gradient_buffer(dx, xa):
     """Where dx is built: dx itself where it has the accumulation dtype, else a buffer like xa."""
     return dx if dx.dtype == xa.dtype else torch.empty_like(xa)
@@ -236,12 +253,7 @@ def _backward_planes(grad_out, x, dx, mean, rstd, s1, s2, k, groups):
     s = torch.addcmul(_plane(beta), centred, _plane(alpha)).sigmoid_()
     dy = _gradient_buffer(dx, xa)
     _load_shuffled(dy, grad_out)
-    dy.mul_(s)                                  # dy * s
-    dt = torch.mul(dy, xa)
-    dt.addcmul_(dt, s, value=-1)                # dy * x * s * (1 - s)
-    torch.sum(dt, (2, 3), out=s1)
-    dy.addcmul_(dt, _plane(alpha))
-    torch.sum(dt.mul_(centred), (2, 3), out=s2).mul_(rstd)
+    _through_the_gate(dy, xa, centred, s, alpha, rstd, s1, s2)
     # dx = dy * s + alpha * dt + f1 * (x - mean) + f0: channel planes f0 = cweight * S1 / N;
     # spatial planes f0 = -alpha * S1 / N, f1 = -alpha * rstd * S2 / N.
     (s1c, s1s), (_, s2s) = _branches(s1, groups), _branches(s2, groups)
@@ -265,7 +277,7 @@ def _backward_branches(grad_out, x, dx, mean, rstd, s1, s2, k, groups):
     (s1c, s1s), (s2c, s2s) = _branches(s1, groups), _branches(s2, groups)
 
     # Channel planes: s constant, S1 = s * (1 - s) * sum(dy * x).
-    constant = torch.addcmul(k.cbias, k.cweight, mc).sigmoid_()
+    constant = _constant_gates(k, mc)
     torch.sum(yc * xc, (-2, -1), out=s1c).mul_(constant).addcmul_(s1c, constant, value=-1)
     s2c.zero_()
 
@@ -273,12 +285,7 @@ def _backward_branches(grad_out, x, dx, mean, rstd, s1, s2, k, groups):
     alpha = k.scale * rs
     centred = xs - _plane(ms)
     s = torch.addcmul(_plane(k.shift), centred, _plane(alpha)).sigmoid_()
-    ys.mul_(s)                                  # dy * s
-    dt = torch.mul(ys, xs)
-    dt.addcmul_(dt, s, value=-1)                # dy * x * s * (1 - s)
-    torch.sum(dt, (-2, -1), out=s1s)
-    ys.addcmul_(dt, _plane(alpha))
-    torch.sum(dt.mul_(centred), (-2, -1), out=s2s).mul_(rs)
+    _through_the_gate(ys, xs, centred, s, alpha, rs, s1s, s2s)
     # dx = dy * s + alpha * dt - alpha * (S1 + xhat * S2) / N
     ys.addcmul_(centred, _plane(alpha * rs * s2s), value=-1.0 / n).sub_(_plane(alpha * s1s / n))
 
