@@ -72,8 +72,9 @@ forward.register_autograd(_backward, setup_context=_setup_context)
 
 class EagerForward(torch.autograd.Function):
     """An eager call of a Python backend (``triton``, ``torch``) for plain tensors: the ops' forward
-    and closed-form backward without the custom-op dispatch around each (on a CPU about 100 us
-    less per training call). Compiled graphs and tensor subclasses keep the ops."""
+    and closed-form backward without the custom-op dispatch around each (a (2, 16, 2, 2) training
+    call of the torch backend: 497 to 505 us against 613 to 699 us through the ops, on the CPU of
+    the README's benchmarks). Compiled graphs and tensor subclasses keep the ops."""
 
     @staticmethod
     def forward(ctx, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps, backend):
