@@ -36,6 +36,8 @@ class FusedShuffleAttention(nn.Module):
 
     def forward(self, x):
         gn = self._modules["gn"]
+        if gn._forward_pre_hooks or gn._forward_hooks or gn._backward_hooks or gn._backward_pre_hooks:
+            self._gn_hooks(gn, x)
         if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
             params = (self.cweight, self.cbias, self.sweight, self.sbias, gn.weight, gn.bias)
             return functional.shuffle_attention(x, *params, self.G, gn.eps, self._backend)
@@ -53,6 +55,27 @@ class FusedShuffleAttention(nn.Module):
             functional.check_tensor(x)
             raise
         return functional.run_eager(route, x, *params, self.G, gn.eps)
+
+    def _gn_hooks(self, gn, x):
+        """gn is never called (its GroupNorm is fused), so its forward pre-hooks run here, on
+        the input the reference's gn gets: pruning, weight_norm and spectral_norm of gn.weight
+        recompute it in one. Hooks that need gn's output or gradients cannot run: refused."""
+        if gn._forward_hooks or gn._backward_hooks or gn._backward_pre_hooks:
+            raise NotImplementedError(
+                "FusedShuffleAttention: a forward or backward hook on its `gn` needs GroupNorm's own "
+                "output or gradients, which the fused op never forms; register the hook on the "
+                "FusedShuffleAttention module itself, or use the reference module")
+        functional.check_tensor(x)
+        branch = x.unflatten(1, (self.G, 2, -1)).select(2, 1).flatten(0, 1)  # the spatial branch, (B * G, half, H, W)
+        for hook_id, hook in tuple(gn._forward_pre_hooks.items()):
+            if hook_id in gn._forward_pre_hooks_with_kwargs:
+                result = hook(gn, (branch,), {})
+            else:
+                result = hook(gn, (branch,))
+            if result is not None:
+                raise NotImplementedError(
+                    "FusedShuffleAttention: a forward pre-hook on its `gn` returned a new input for "
+                    "GroupNorm, which the fused op cannot take; use the reference module")
 
     def _route(self, x):
         """Resolves the backend for x's device and dtype, once (SA_KERNELS_BACKEND is read then)."""

@@ -213,6 +213,56 @@ def test_parametrized_and_pruned_parameters_are_read_as_attributes(backend, devi
         torch.testing.assert_close(a.grad, b.grad, **TOLERANCES[torch.float64], msg=name)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_pruned_groupnorm_weight_is_recomputed_every_step(backend, device, compiled):
+    # prune (as weight_norm and spectral_norm) recomputes gn.weight in a forward pre-hook of gn,
+    # which the fused module never calls: it runs gn's pre-hooks itself. Unrun, the second step
+    # used the weight of the first.
+    ref = random_reference(32, 2, device=device, dtype=torch.float64)
+    fused = fused_copy(ref, backend)
+    for m in (ref, fused):
+        prune.l1_unstructured(m.gn, "weight", amount=2)
+    run = torch.compile(fused, fullgraph=True, backend="aot_eager") if compiled else fused
+    x = random_input((2, 32, 5, 6), torch.float64, device)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ref, fused)]
+    for _ in range(2):
+        outs = []
+        for m, optimizer in zip((ref, run), optimizers):
+            optimizer.zero_grad()
+            y = m(x)
+            y.square().sum().backward()
+            optimizer.step()
+            outs.append(y.detach())
+        torch.testing.assert_close(outs[1], outs[0], **TOLERANCES[torch.float64])
+    torch.testing.assert_close(fused.gn.weight_orig, ref.gn.weight_orig, **TOLERANCES[torch.float64])
+
+
+def test_a_forward_pre_hook_on_gn_sees_the_references_groupnorm_input(backend, device):
+    ref = random_reference(32, 2, device=device)
+    fused = fused_copy(ref, backend)
+    seen = {}
+    for name, m in (("ref", ref), ("fused", fused)):
+        m.gn.register_forward_pre_hook(lambda module, args, name=name: seen.__setitem__(name, args[0].clone()))
+    x = random_input((2, 32, 5, 6), torch.float32, device, torch.channels_last)
+    fused(x)
+    ref(x)
+    assert seen["fused"].shape == (2 * 2, 8, 5, 6)
+    assert torch.equal(seen["fused"], seen["ref"])
+
+
+@pytest.mark.parametrize("hook", ["forward", "backward", "input-replacing pre"])
+def test_hooks_on_gn_that_the_fused_op_cannot_honour_are_refused(backend, device, hook):
+    fused = fused_copy(random_reference(16, 2, device=device), backend)
+    if hook == "forward":
+        fused.gn.register_forward_hook(lambda module, args, out: None)
+    elif hook == "backward":
+        fused.gn.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    else:
+        fused.gn.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    with pytest.raises(NotImplementedError, match="hook on its `gn`"):
+        fused(random_input((2, 16, 3, 3), torch.float32, device))
+
+
 def test_torch_func_transforms_give_the_references_derivatives(backend, device):
     # jvp and jacfwd have no rule in the ops' autograd; a Python custom op gave zero tangents
     # without a word. Under torch.func the module computes in standard operators.
