@@ -42,6 +42,9 @@ def check_inputs(x, params, groups):
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     if len(params) != len(PARAM_NAMES):
         raise ValueError(f"expected {len(PARAM_NAMES)} parameters {PARAM_NAMES}, got {len(params)}")
+    for name, p in zip(PARAM_NAMES, params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(p).__name__}")
     half = params[0].numel()
     expected_c = 2 * groups * half
     if x.shape[1] != expected_c:
@@ -49,8 +52,6 @@ def check_inputs(x, params, groups):
             f"x has {x.shape[1]} channels, expected 2 * G * half = 2 * {groups} * {half} = "
             f"{expected_c} (shape {tuple(x.shape)})")
     for name, p in zip(PARAM_NAMES, params):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(p).__name__}")
         if p.device != x.device:
             raise ValueError(f"{name} is on {p.device}, expected x's device {x.device}")
         if p.dtype not in SUPPORTED_DTYPES:

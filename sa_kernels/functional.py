@@ -48,8 +48,16 @@ def run_eager(route_, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, gro
     if type(x) is torch.Tensor:
         if route_ is NATIVE:
             return _fast_native(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
-        flat = (p.reshape(-1) for p in (cweight, cbias, sweight, sbias, gn_weight, gn_bias))
-        return ops.EagerForward.apply(x, *flat, groups, eps, route_)
+        # torch.jit.trace records the op as one node; it would record EagerForward's ops one by
+        # one, out= ops among them, and the traced module could not be trained.
+        if not torch.jit.is_tracing():
+            params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
+            try:
+                flat = tuple(p.reshape(-1) for p in params)
+            except AttributeError:  # not a tensor: the same TypeError as the other backends give
+                check_inputs(x, params, groups)
+                raise
+            return ops.EagerForward.apply(x, *flat, groups, eps, route_)
     return run(route_, x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, groups, eps)
 
 
@@ -76,7 +84,7 @@ def shuffle_attention(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, gro
     ``backend`` is ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"``.
     """
     check_tensor(x)
-    if isinstance(groups, bool):  # torch.ops would take it for an int
+    if isinstance(groups, bool) or not isinstance(groups, int):  # torch.ops would take True for 1
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
     if torch.onnx.is_in_onnx_export():

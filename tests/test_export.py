@@ -153,3 +153,25 @@ def test_onnx_torchscript_exporter(backend):
         with torch.no_grad():
             expected = model(xb)
         torch.testing.assert_close(run_onnxruntime(buffer.getvalue(), xb), expected, **ORT_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_traced_module_records_one_op_and_trains(backend):
+    # torch.jit.trace of the torch backend recorded its eager ops one by one, out= ops among
+    # them: the traced module failed on its first call with gradients enabled.
+    ref = random_reference(24, 3, dtype=torch.float64)
+    fused = sa_kernels.FusedShuffleAttention.from_module(ref, backend=backend)
+    x = random_input((2, 24, 5, 7), torch.float64, "cpu")
+    traced = torch.jit.trace(fused, (x,))
+    assert [n.kind() for n in traced.graph.nodes() if n.kind().startswith("sa_kernels::")] != []
+    x2 = random_input((3, 24, 4, 6), torch.float64, "cpu").requires_grad_()
+    out = traced(x2)
+    out.backward(torch.ones_like(out) + x2.detach())
+    x_ref = x2.detach().clone().requires_grad_()
+    expected = ref(x_ref)
+    expected.backward(torch.ones_like(expected) + x_ref.detach())
+    torch.testing.assert_close(out, expected, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(x2.grad, x_ref.grad, **TOLERANCES[torch.float64])
+    for (name, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOLERANCES[torch.float64], msg=name)
+

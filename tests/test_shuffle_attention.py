@@ -288,9 +288,30 @@ def test_groups_true_is_refused_by_every_backend(backend, device):
         sa_kernels.shuffle_attention(x, *ref.parameters(), groups=True, backend=backend)
 
 
+@pytest.mark.parametrize("bad", ["float groups", "list parameter", "GroupNorm without weight"])
+def test_arguments_of_the_wrong_type_raise_the_same_error_on_every_backend(backend, device, bad):
+    # The torch backend flattened its parameters before checking them: AttributeError there.
+    ref = random_reference(16, 2, device=device)
+    x = random_input((2, 16, 3, 3), torch.float32, device)
+    params = list(ref.parameters())
+    if bad == "float groups":
+        with pytest.raises(ValueError, match=r"groups must be a positive int, got 2\.0"):
+            sa_kernels.shuffle_attention(x, *params, groups=2.0, backend=backend)
+    elif bad == "list parameter":
+        params[1] = params[1].reshape(-1).tolist()
+        with pytest.raises(TypeError, match="cbias must be a torch.Tensor, got list"):
+            sa_kernels.shuffle_attention(x, *params, groups=2, backend=backend)
+    else:
+        fused = fused_copy(ref, backend)
+        fused.gn.weight = None
+        with pytest.raises(TypeError, match="gn_weight must be a torch.Tensor, got NoneType"):
+            fused(x)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("per_chunk", [1, 2], ids=["one-image-chunks", "two-image-chunks"])
-def test_torch_backend_in_chunks_of_images(monkeypatch, dtype, fmt, per_chunk):
+@pytest.mark.parametrize("path", ["default", "own-ops"])
+def test_torch_backend_in_chunks_of_images(monkeypatch, dtype, fmt, per_chunk, path):
     # On a CPU the torch backend takes the batch a chunk of images at a time; the test shapes
     # are one chunk at the default size, so chunks of one and two images (a short last one).
     from sa_kernels.backends import torch_math
