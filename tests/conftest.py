@@ -25,6 +25,14 @@ def _seed():
         torch.cuda.manual_seed_all(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles afresh: a run of hundreds of compiled tests in one process otherwise
+    reaches Dynamo's recompile limit on the module's forward (each new module is a new guard)."""
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)

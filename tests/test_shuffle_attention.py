@@ -351,6 +351,20 @@ def test_torch_func_transforms_check_their_inputs(backend, device):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("hot", [1e3, 3e3], ids=lambda v: f"first-value-{v:g}")
+def test_a_plane_whose_first_value_is_an_outlier_keeps_exact_statistics(backend, device, dtype, fmt, hot):
+    # Statistics taken about each plane's first value (exact on constant planes) lost the
+    # variance to cancellation where that value is far from the mean (a ReLU map with one hot
+    # corner pixel): sum(t^2) / N - d^2, both terms about (x00 - mean)^2.
+    C, G = 16, 2
+    ref = random_reference(C, G, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    x = random_input((2, C, 96, 96), torch.float32, device)
+    x[:, :, 0, 0] = hot
+    x = x.to(dtype).contiguous(memory_format=FORMATS[fmt])
+    assert_matches_reference(ref, fused_copy(ref, backend), x)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("case", ["1x1-planes", "constant-planes"])
 def test_planes_whose_mean_dwarfs_their_spread_keep_an_exact_gate(backend, device, dtype, fmt, case):
     # Variance 0 makes rstd = 1 / sqrt(eps), about 316: a gate taken as alpha * x - alpha * mean

@@ -10,8 +10,9 @@
 //
 // Paths:
 //  * planes (NCHW, and any layout whose H x W planes are contiguous runs): one task per
-//    plane; one pass for the statistics (shifted sums), one for the gated output, both
-//    over a plane that stays in cache between them. Backward: one pass for the plane sums
+//    plane; one pass for the statistics (sums about the plane's first value; a second about
+//    the estimated mean where the first value lies far from it), one for the gated output,
+//    all over a plane that stays in cache between them. Backward: one pass for the plane sums
 //    (keeping the gate in a scratch row), one for dx.
 //  * channels_last: a task owns one vector of channel pairs (j, C/2 + j) of one image,
 //    vectorised along channels, whose outputs 2j, 2j + 1 are adjacent (interleaved
@@ -25,6 +26,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -219,26 +221,43 @@ C10_ALWAYS_INLINE V finite_or_zero(const V& v) {
   return V::blendv(V(0), v, (v - v) == V(0));
 }
 
-// A plane's first and second moments about its first value: shifting by a value of the
-// plane keeps the one-pass variance free of the cancellation that sum(x^2) - n * mean^2
-// suffers (block_moments turns them into mean and rstd).
-template <typename A>
-struct ShiftedSums {
-  A shift, sum1, sum2;
-};
+// A plane's statistics are sums of d = x - c and d^2 about a value c of the plane: its first
+// value (0 if that is not finite, so that an infinity gives the infinite mean the reference
+// computes), which keeps a constant plane's d exactly 0 (a plain sum / N need not give the
+// value back: alpha = 316 x scale at variance 0). Then mean = c + e with e = sum(d) / N, and
+// var = sum(d^2) / N - e^2, which loses to cancellation about log2(1 + e^2 / var) bits. Where
+// the first value lies more than 4 standard deviations from the mean (e^2 > kRecentre * var: a
+// ReLU map with one hot corner pixel), the plane takes a second pass, about c + e. Rarely: a
+// second pass on every plane took the forward 1.0 to 1.7 times as long (one thread, the CPU
+// benchmark shapes, normal data), and from 2 standard deviations the channels-last forward 1.1
+// to 1.4 times (any of a vector's 16 lanes calls for the pass).
+constexpr float kRecentre = 16;
 
+// The plane's first value, or 0 if that is not finite.
+template <typename A>
+C10_ALWAYS_INLINE A first_value_shift(A first) {
+  return std::isfinite(first) ? first : A(0);
+}
+
+// Whether a plane's sums about c (as plane_sums_about gives them) call for a second pass.
+template <typename A>
+C10_ALWAYS_INLINE bool needs_recentring(A sum1, A sum2, int64_t n) {
+  const A e = sum1 / A(n);
+  return e * e > A(kRecentre) * (sum2 / A(n) - e * e);
+}
+
+// The sums of d = x - c and of d^2 over a plane of n elements, in vector chains: whole
+// vectors four chains by turns, then up to three more whole vectors, one per chain (small
+// planes have no other work to overlap a chain's latency with), then the tail, its lanes past
+// the end zeroed, in the fourth chain.
 template <typename T>
-ShiftedSums<acc_t<T>> plane_shifted_sums(const T* x, int64_t n) {
+std::pair<acc_t<T>, acc_t<T>> plane_sums_about(const T* x, int64_t n, acc_t<T> c) {
   using L = Lanes<T>;
   using V = typename L::V;
   using A = acc_t<T>;
   constexpr int64_t N = L::kSize;
   constexpr int kUnroll = 4;
-  // A non-finite first value would make every difference infinite or NaN: shifted by 0
-  // instead, an infinity gives the infinite mean the reference computes.
-  const A first = static_cast<A>(x[0]);
-  const A shift = std::isfinite(first) ? first : A(0);
-  const V vshift(shift);
+  const V vc(c);
   V s1[kUnroll], s2[kUnroll];
   for (int u = 0; u < kUnroll; ++u) s1[u] = s2[u] = V(A(0));
   auto add = [&](int u, const V& d) C10_ALWAYS_INLINE_ATTRIBUTE {
@@ -247,19 +266,17 @@ ShiftedSums<acc_t<T>> plane_shifted_sums(const T* x, int64_t n) {
   };
   int64_t i = 0;
   for (; i + kUnroll * N <= n; i += kUnroll * N) {
-    for (int u = 0; u < kUnroll; ++u) add(u, L::load(x + i + u * N) - vshift);
+    for (int u = 0; u < kUnroll; ++u) add(u, L::load(x + i + u * N) - vc);
   }
-  // Up to three more whole vectors, one per chain (small planes have no other work to overlap
-  // a chain's latency with), then the tail in the fourth chain, its lanes past the end zeroed.
   const int64_t rest = (n - i) / N;
-  if (rest > 0) add(0, L::load(x + i) - vshift);
-  if (rest > 1) add(1, L::load(x + i + N) - vshift);
-  if (rest > 2) add(2, L::load(x + i + 2 * N) - vshift);
+  if (rest > 0) add(0, L::load(x + i) - vc);
+  if (rest > 1) add(1, L::load(x + i + N) - vc);
+  if (rest > 2) add(2, L::load(x + i + 2 * N) - vc);
   i += rest * N;
-  if (i < n) add(3, first_lanes(L::load(x + i, n - i) - vshift, n - i));
+  if (i < n) add(3, first_lanes(L::load(x + i, n - i) - vc, n - i));
   const V t1 = (s1[0] + s1[1]) + (s1[2] + s1[3]);
   const V t2 = (s2[0] + s2[1]) + (s2[2] + s2[3]);
-  return {shift, lane_sum(t1), lane_sum(t2)};
+  return {lane_sum(t1), lane_sum(t2)};
 }
 
 // Calls f(offset, count) for every vector of a plane of n elements (count < kSize at the end).
@@ -376,22 +393,25 @@ void parallel_over_blocks(const Geometry& g, int64_t per_block, F&& chunk) {
   });
 }
 
-// Mean and rstd of `count` planes from their shifted sums (ShiftedSums), as vectors: where
-// planes are small, their scalar division, square root and division cost as much as the
-// plane's own arithmetic. var < 0 (rounding) is taken as 0; a NaN var (an infinity in the
-// plane: inf - inf) stays NaN, so a spatial plane's output is NaN as GroupNorm's is.
+// Mean and rstd of `count` planes from the value c each plane's sums were taken about and the
+// sums of d = x - c and d^2 (plane_sums_about), as vectors: where planes are small, their
+// scalar divisions and square roots cost as much as the plane's own arithmetic. var < 0
+// (rounding) is taken as 0; a NaN var (an infinity in the plane: inf - inf) stays NaN, so a
+// spatial plane's output is NaN as GroupNorm's is, and an infinite mean stays infinite, as
+// the reference's pooling gives it.
 template <typename A>
-void block_moments(const A* shift, const A* sum1, const A* sum2, int64_t count, int64_t n,
-                   double eps, A* mean, A* rstd) {
+void block_moments(const A* c, const A* sum1, const A* sum2, int64_t count, int64_t n, double eps,
+                   A* mean, A* rstd) {
   using V = at::vec::Vectorized<A>;
   constexpr int64_t N = V::size();
   const V vn(static_cast<A>(n)), veps(static_cast<A>(eps)), zero(A(0)), one(A(1));
   for (int64_t i = 0; i < count; i += N) {
     const int lanes = int(std::min(N, count - i));
-    const V d = V::loadu(sum1 + i, lanes) / vn;
-    const V v = V::loadu(sum2 + i, lanes) / vn - d * d;
+    const V ci = V::loadu(c + i, lanes), e = V::loadu(sum1 + i, lanes) / vn;
+    const V v = V::loadu(sum2 + i, lanes) / vn - e * e;
     const V var = V::blendv(v, zero, v < zero);
-    (V::loadu(shift + i, lanes) + d).store(mean + i, lanes);
+    // An infinite c (the second pass about an infinite mean) makes e NaN: the mean stays c.
+    (ci + V::blendv(zero, e, (ci - ci) == zero)).store(mean + i, lanes);
     (one / (var + veps).sqrt()).store(rstd + i, lanes);
   }
 }
@@ -410,19 +430,21 @@ void forward_planes(const ForwardArgs<T>& p) {
     if (!xa.in_place()) in_rows.resize(per_block * n);
     if (!oa.in_place()) out_rows.resize(per_block * n);
     const T* x[kMaxBlockPlanes];
-    alignas(64) A shift[kMaxBlockPlanes], sum1[kMaxBlockPlanes], sum2[kMaxBlockPlanes];
+    alignas(64) A about[kMaxBlockPlanes], sum1[kMaxBlockPlanes], sum2[kMaxBlockPlanes];
     alignas(64) A mean[kMaxBlockPlanes], rstd[kMaxBlockPlanes];
     for (int64_t first = begin; first < end; first += per_block) {
       const int64_t count = std::min(per_block, end - first);
       const BlockPlanes where(first, count, g.channels, 2 * p.params.half);
       for (int64_t k = 0; k < count; ++k) {
         x[k] = xa.read(p.x + where.b[k] * p.xs.b + where.c[k] * p.xs.c, in_rows.data() + k * n);
-        const ShiftedSums<A> sums = plane_shifted_sums(x[k], n);
-        shift[k] = sums.shift;
-        sum1[k] = sums.sum1;
-        sum2[k] = sums.sum2;
+        about[k] = first_value_shift(static_cast<A>(x[k][0]));
+        std::tie(sum1[k], sum2[k]) = plane_sums_about(x[k], n, about[k]);
+        if (C10_UNLIKELY(needs_recentring(sum1[k], sum2[k], n))) {
+          about[k] += sum1[k] / A(n);
+          std::tie(sum1[k], sum2[k]) = plane_sums_about(x[k], n, about[k]);
+        }
       }
-      block_moments(shift, sum1, sum2, count, n, p.eps, mean, rstd);
+      block_moments(about, sum1, sum2, count, n, p.eps, mean, rstd);
       std::copy(mean, mean + count, p.mean + first);
       std::copy(rstd, rstd + count, p.rstd + first);
       const BlockGates<A> gates(p.params, where, count, mean, rstd);
@@ -771,41 +793,69 @@ void forward_pair_vector(const ForwardArgs<T>& p, int64_t b, const int64_t (&cha
   const T* x = p.x + b * p.xs.b;
   auto load = [count](const T* q) C10_ALWAYS_INLINE_ATTRIBUTE { return load_lanes<T, kFull>(q, count); };
 
-  // Statistics: shifted sums per channel lane; even and odd positions in order, then added
-  // (two chains per sum: a lone chain of dependent adds bounds the loop on small planes).
-  // Named accumulators, not arrays: GCC kept an array's element in memory, a store-to-load
-  // chain per position.
-  const V shift[2] = {finite_or_zero(load(x + c[0])), finite_or_zero(load(x + c[1]))};  // as plane_shifted_sums
-  V e1_0(A(0)), e2_0(A(0)), e1_1(A(0)), e2_1(A(0));  // even positions
-  V o1_0(A(0)), o2_0(A(0)), o1_1(A(0)), o2_1(A(0));  // odd positions
-  auto add = [&](const T* row, V& s1_0, V& s2_0, V& s1_1, V& s2_1) C10_ALWAYS_INLINE_ATTRIBUTE {
-    const V d0 = load(row + c[0]) - shift[0];
-    const V d1 = load(row + c[1]) - shift[1];
-    s1_0 += d0;
-    s2_0 = at::vec::fmadd(d0, d0, s2_0);
-    s1_1 += d1;
-    s2_1 = at::vec::fmadd(d1, d1, s2_1);
-  };
-  int64_t pos = 0;
-  for (; pos + 2 <= n; pos += 2) {
-    const T* row = x + pos * C;
-    if (pos + kPrefetchRows + 1 < n) {
-      prefetch_pair(row + kPrefetchRows * C, c);
-      prefetch_pair(row + (kPrefetchRows + 1) * C, c);
+  // Statistics per channel lane, as plane_sums_about takes them: sums about each lane's first
+  // value, and a second pass about the estimated mean where a lane calls for it. Even and odd
+  // positions in order, then added (two chains per sum: a lone chain of dependent adds bounds
+  // the loop on small planes), a block of kSumBlock positions at a time, the block sums then
+  // added in order (with one running sum per lane and parity, a large value early in the
+  // plane rounded every later addition at its own magnitude). Named accumulators, not arrays:
+  // GCC kept an array's element in memory, a store-to-load chain per position.
+  constexpr int64_t kSumBlock = 64;
+  auto sums_about = [&](const V (&about)[2]) C10_ALWAYS_INLINE_ATTRIBUTE {
+    V t1_0(A(0)), t2_0(A(0)), t1_1(A(0)), t2_1(A(0));
+    auto add = [&](const T* row, V& s1_0, V& s2_0, V& s1_1, V& s2_1) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const V d0 = load(row + c[0]) - about[0];
+      const V d1 = load(row + c[1]) - about[1];
+      s1_0 += d0;
+      s2_0 = at::vec::fmadd(d0, d0, s2_0);
+      s1_1 += d1;
+      s2_1 = at::vec::fmadd(d1, d1, s2_1);
+    };
+    for (int64_t start = 0; start < n; start += kSumBlock) {
+      const int64_t stop = std::min(n, start + kSumBlock);
+      V e1_0(A(0)), e2_0(A(0)), e1_1(A(0)), e2_1(A(0));  // even positions
+      V o1_0(A(0)), o2_0(A(0)), o1_1(A(0)), o2_1(A(0));  // odd positions
+      int64_t pos = start;
+      for (; pos + 2 <= stop; pos += 2) {
+        const T* row = x + pos * C;
+        if (pos + kPrefetchRows + 1 < n) {
+          prefetch_pair(row + kPrefetchRows * C, c);
+          prefetch_pair(row + (kPrefetchRows + 1) * C, c);
+        }
+        add(row, e1_0, e2_0, e1_1, e2_1);
+        add(row + C, o1_0, o2_0, o1_1, o2_1);
+      }
+      if (pos < stop) add(x + pos * C, e1_0, e2_0, e1_1, e2_1);
+      t1_0 += e1_0 + o1_0;
+      t2_0 += e2_0 + o2_0;
+      t1_1 += e1_1 + o1_1;
+      t2_1 += e2_1 + o2_1;
     }
-    add(row, e1_0, e2_0, e1_1, e2_1);
-    add(row + C, o1_0, o2_0, o1_1, o2_1);
+    return std::array<V, 4>{t1_0, t2_0, t1_1, t2_1};
+  };
+  V about[2] = {finite_or_zero(load(x + c[0])), finite_or_zero(load(x + c[1]))};  // as first_value_shift
+  std::array<V, 4> sums = sums_about(about);
+  bool recentre = false;
+  for (int h = 0; h < 2; ++h) {
+    A a1[N], a2[N];
+    sums[2 * h].store(a1);
+    sums[2 * h + 1].store(a2);
+    for (int64_t l = 0; l < count; ++l) recentre |= needs_recentring(a1[l], a2[l], n);
   }
-  if (pos < n) add(x + pos * C, e1_0, e2_0, e1_1, e2_1);
-  const V s1[2] = {e1_0 + o1_0, e1_1 + o1_1}, s2[2] = {e2_0 + o2_0, e2_1 + o2_1};
+  if (C10_UNLIKELY(recentre)) {  // every lane: a lane already well centred keeps about that accuracy
+    const V vn(static_cast<A>(n));
+    about[0] = about[0] + sums[0] / vn;
+    about[1] = about[1] + sums[2] / vn;
+    sums = sums_about(about);
+  }
   A* mean = p.mean + b * C;
   A* rstd = p.rstd + b * C;
   for (int h = 0; h < 2; ++h) {
-    A k[N], a1[N], a2[N];
-    shift[h].store(k);
-    s1[h].store(a1);
-    s2[h].store(a2);
-    block_moments(k, a1, a2, count, n, p.eps, mean + c[h], rstd + c[h]);
+    A ah[N], a1[N], a2[N];
+    about[h].store(ah);
+    sums[2 * h].store(a1);
+    sums[2 * h + 1].store(a2);
+    block_moments(ah, a1, a2, count, n, p.eps, mean + c[h], rstd + c[h]);
   }
 
   // Output: gate each pair and store it interleaved at channels 2j, 2j + 1.
