@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import sa_kernels  # noqa: E402
+from helpers import force_torch_own_ops  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HALF_DTYPES = [torch.float16, torch.bfloat16]
@@ -43,14 +44,22 @@ def dtype(request):
     return request.param
 
 
-@pytest.fixture(params=sa_kernels.backends.BACKENDS)
-def backend(request, device):
+# The torch backend's forward on contiguous planes takes GroupNorm's kernel or its own ops,
+# by size (torch_math._forward_path): "torch/own-ops" runs every torch test on the second.
+TORCH_OWN_OPS = "torch/own-ops"
+
+
+@pytest.fixture(params=[*sa_kernels.backends.BACKENDS, TORCH_OWN_OPS])
+def backend(request, device, monkeypatch):
     """Each backend that can run on ``device``; skipped with the backend's own reason otherwise.
 
     Under the interpreter a Triton program takes about a millisecond, so the broad shape grids
     skip Triton on CPU; tests/test_triton.py covers every Triton path on interpreter-sized shapes.
     """
     name = request.param
+    if name == TORCH_OWN_OPS:
+        force_torch_own_ops(monkeypatch)
+        name = "torch"
     reason = sa_kernels.backends.unavailable_reason(name, device)
     if reason is not None:
         pytest.skip(reason)

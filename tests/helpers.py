@@ -132,3 +132,12 @@ def gloo_on_loopback():
     interface = next((n for n in ("lo", "lo0") if n in names), None)
     if interface:
         os.environ["GLOO_SOCKET_IFNAME"] = interface
+
+
+def force_torch_own_ops(monkeypatch):
+    """The torch backend's forward on contiguous planes with its own ops, not GroupNorm's kernel
+    (torch_math._forward_path chooses by size; the test shapes mostly take GroupNorm's)."""
+    from sa_kernels.backends import torch_math
+    monkeypatch.setattr(torch_math, "_forward_path", lambda x: (
+        torch_math._forward_branches if torch_math._planes_contiguous(x) else torch_math._forward_planes))
+

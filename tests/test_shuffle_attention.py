@@ -5,8 +5,8 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import sa_kernels
-from helpers import (TOLERANCES, assert_matches_reference, naive_shuffle_attention, random_input,
-                     random_reference, reference_outputs)
+from helpers import (TOLERANCES, assert_matches_reference, force_torch_own_ops, naive_shuffle_attention,
+                     random_input, random_reference, reference_outputs)
 
 # (B, C, H, W, G): odd and prime planes, 1x1, G = 1 and G = 64, batch 1.
 SHAPES = [
@@ -53,7 +53,12 @@ def test_float64_parameters_with_float32_input(backend, device):
     assert out.dtype == torch.float32 and grads["cweight"].dtype == torch.float64
 
 
-@pytest.mark.parametrize("view", ["sliced", "permuted", "expanded_grad"])
+VIEWS = ["sliced", "permuted", "expanded_grad",
+         # planes that are contiguous runs in a tensor that is not contiguous
+         "channels_sliced", "images_sliced", "images_permuted", "images_expanded"]
+
+
+@pytest.mark.parametrize("view", VIEWS)
 def test_other_strides(backend, device, view):
     ref = random_reference(16, 2, device=device)
     base = random_input((3, 16, 10, 9), torch.float32, device)
@@ -61,6 +66,14 @@ def test_other_strides(backend, device, view):
         x = base[1:, :, ::2, 1:8]
     elif view == "permuted":  # a dense layout that is neither NCHW nor NHWC
         x = base.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    elif view == "channels_sliced":
+        x = random_input((3, 32, 10, 9), torch.float32, device)[:, ::2]
+    elif view == "images_sliced":
+        x = random_input((6, 16, 10, 9), torch.float32, device)[::2]
+    elif view == "images_permuted":
+        x = random_input((16, 3, 10, 9), torch.float32, device).transpose(0, 1)
+    elif view == "images_expanded":
+        x = base[:1].expand(3, -1, -1, -1)
     else:
         x = base
     assert view == "expanded_grad" or not x.is_contiguous()
@@ -326,6 +339,8 @@ def test_torch_backend_in_chunks_of_images(monkeypatch, dtype, fmt, per_chunk, p
     # On a CPU the torch backend takes the batch a chunk of images at a time; the test shapes
     # are one chunk at the default size, so chunks of one and two images (a short last one).
     from sa_kernels.backends import torch_math
+    if path == "own-ops":
+        force_torch_own_ops(monkeypatch)
     B, C, H, W, G = 5, 24, 5, 3, 2
     monkeypatch.setattr(torch_math, "CHUNK_ELEMENTS", per_chunk * C * H * W)
     ref = random_reference(C, G, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
