@@ -35,6 +35,25 @@ def test_opcheck_forward_and_backward(backend, device, dtype, fmt):
     torch.library.opcheck(torch.ops.sa_kernels.backward.default, bargs)
 
 
+def test_ops_take_parameters_of_the_references_shapes(backend, device):
+    # (1, half, 1, 1) gate parameters, (half,) GroupNorm ones: as flat ones, gradients in each
+    # parameter's shape. The torch backend broadcast them against its (B, G, half) statistics.
+    args = op_args(device=device, backend=backend)
+    x, flat = args[0].detach(), [p.detach() for p in args[1:7]]
+    shaped = [p.view(1, -1, 1, 1) for p in flat[:4]] + flat[4:]
+    expected = torch.ops.sa_kernels.forward(x, *flat, *args[7:])
+    got = torch.ops.sa_kernels.forward(x, *shaped, *args[7:])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    dy = random_input(x.shape, x.dtype, device)
+    out, mean, rstd = expected
+    expected = torch.ops.sa_kernels.backward(dy, x, *flat, mean, rstd, *args[7:])
+    got = torch.ops.sa_kernels.backward(dy, x, *shaped, mean, rstd, *args[7:])
+    for g, e, p in zip(got, expected, [x] + shaped):
+        assert g.shape == p.shape
+        torch.testing.assert_close(g, e.view_as(p))
+
+
 def test_compile_fullgraph_forward_and_backward(backend, device):
     ref = random_reference(32, 4, device=device)
     fused = sa_kernels.FusedShuffleAttention.from_module(ref, backend=backend)

@@ -86,8 +86,9 @@ class _Constants:
     """The parameters in the accumulation dtype, and the spatial gate's per-channel factors."""
 
     def __init__(self, params, acc):
+        # Flat: the ops take parameters of any shape with half elements ((1, half, 1, 1) too).
         self.cweight, self.cbias, self.sweight, self.sbias, self.gn_weight, self.gn_bias = (
-            p if p.dtype == acc else p.to(acc) for p in params)
+            (p if p.dtype == acc else p.to(acc)).reshape(-1) for p in params)
         self.scale = self.sweight * self.gn_weight                  # alpha = scale * rstd
         self.shift = torch.addcmul(self.sbias, self.sweight, self.gn_bias)  # beta of spatial planes
 
