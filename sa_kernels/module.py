@@ -66,6 +66,8 @@ class FusedShuffleAttention(nn.Module):
                 "output or gradients, which the fused op never forms; register the hook on the "
                 "FusedShuffleAttention module itself, or use the reference module")
         functional.check_tensor(x)
+        if x.dim() != 4 or x.shape[1] != 2 * self.G * gn.num_channels:
+            return  # the op's checks say what is wrong with x
         branch = x.unflatten(1, (self.G, 2, -1)).select(2, 1).flatten(0, 1)  # the spatial branch, (B * G, half, H, W)
         for hook_id, hook in tuple(gn._forward_pre_hooks.items()):
             if hook_id in gn._forward_pre_hooks_with_kwargs:
