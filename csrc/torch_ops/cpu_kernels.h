@@ -228,9 +228,9 @@ C10_ALWAYS_INLINE V finite_or_zero(const V& v) {
 // var = sum(d^2) / N - e^2, which loses to cancellation about log2(1 + e^2 / var) bits. Where
 // the first value lies more than 4 standard deviations from the mean (e^2 > kRecentre * var: a
 // ReLU map with one hot corner pixel), the plane takes a second pass, about c + e. Rarely: a
-// second pass on every plane took the forward 1.0 to 1.7 times as long (one thread, the CPU
-// benchmark shapes, normal data), and from 2 standard deviations the channels-last forward 1.1
-// to 1.4 times (any of a vector's 16 lanes calls for the pass).
+// second pass on every plane took the forward 0.93 to 1.67 times as long (one thread, the CPU
+// benchmark shapes, normal data), and from 2 standard deviations the channels-last forward 1.05
+// to 1.39 times (any of a vector's 16 lanes calls for the pass).
 constexpr float kRecentre = 16;
 
 // The plane's first value, or 0 if that is not finite.
