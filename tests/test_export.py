@@ -163,7 +163,7 @@ def test_a_traced_module_records_one_op_and_trains(backend):
     fused = sa_kernels.FusedShuffleAttention.from_module(ref, backend=backend)
     x = random_input((2, 24, 5, 7), torch.float64, "cpu")
     traced = torch.jit.trace(fused, (x,))
-    assert [n.kind() for n in traced.graph.nodes() if n.kind().startswith("sa_kernels::")] != []
+    assert len([n for n in traced.graph.nodes() if n.kind().startswith("sa_kernels::")]) == 1
     x2 = random_input((3, 24, 4, 6), torch.float64, "cpu").requires_grad_()
     out = traced(x2)
     out.backward(torch.ones_like(out) + x2.detach())

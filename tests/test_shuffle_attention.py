@@ -366,11 +366,14 @@ def test_torch_func_transforms_check_their_inputs(backend, device):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("hot", [1e3, 3e3], ids=lambda v: f"first-value-{v:g}")
+@pytest.mark.parametrize("hot", [1e3, -1e3], ids=lambda v: f"first-value-{v:g}")
 def test_a_plane_whose_first_value_is_an_outlier_keeps_exact_statistics(backend, device, dtype, fmt, hot):
     # Statistics taken about each plane's first value (exact on constant planes) lost the
     # variance to cancellation where that value is far from the mean (a ReLU map with one hot
-    # corner pixel): sum(t^2) / N - d^2, both terms about (x00 - mean)^2.
+    # corner pixel): sum(t^2) / N - d^2, both terms about (x00 - mean)^2. (At 3e3 the float32
+    # gn.weight gradient of every path, the reference's too, comes within rounding of the
+    # tolerance on some draws. +-1e3 failed before the fix, cpu and torch, float32, both layouts,
+    # and passes on seeds 0 to 9.)
     C, G = 16, 2
     ref = random_reference(C, G, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     x = random_input((2, C, 96, 96), torch.float32, device)
