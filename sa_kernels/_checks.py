@@ -38,7 +38,8 @@ def check_inputs(x, params, groups):
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"x must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    # A SymInt where a compiled graph takes groups as a dynamic size.
+    if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     if len(params) != len(PARAM_NAMES):
         raise ValueError(f"expected {len(PARAM_NAMES)} parameters {PARAM_NAMES}, got {len(params)}")

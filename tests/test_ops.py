@@ -54,6 +54,18 @@ def test_ops_take_parameters_of_the_references_shapes(backend, device):
         torch.testing.assert_close(g, e.view_as(p))
 
 
+def test_a_compiled_function_takes_a_changing_group_count(backend, device):
+    # Recompiled for a third group count, the graph takes groups as a dynamic size (a SymInt),
+    # which the Python op's argument check refused.
+    f = torch.compile(lambda x, params, g: sa_kernels.shuffle_attention(x, *params, groups=g, backend=backend),
+                      backend="eager")
+    for C, G in ((16, 2), (32, 4), (48, 6)):
+        ref = random_reference(C, G, device=device)
+        x = random_input((2, C, 4, 4), torch.float32, device)
+        with torch.no_grad():
+            torch.testing.assert_close(f(x, [p.detach() for p in ref.parameters()], G), ref(x))
+
+
 def test_compile_fullgraph_forward_and_backward(backend, device):
     ref = random_reference(32, 4, device=device)
     fused = sa_kernels.FusedShuffleAttention.from_module(ref, backend=backend)
