@@ -546,3 +546,21 @@ def test_an_infinity_makes_its_spatial_plane_nan_as_groupnorm_does(emu, dtype, s
     assert torch.equal(torch.isnan(out), torch.isnan(expected))
     finite = ~torch.isnan(expected)
     torch.testing.assert_close(out.to(torch.float64)[finite], expected[finite], **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, groups, memory_format, path", [
+    ((2, 96, 5, 7), 8, torch.contiguous_format, "forward_staged_kernel"),
+    ((2, 16, 64, 64), 2, torch.contiguous_format, "forward_held_kernel"),
+    ((1, 8, 256, 256), 2, torch.contiguous_format, "forward_two_sweep_kernel"),
+    ((2, 96, 14, 14), 8, torch.channels_last, "forward_channels_last_split_kernel"),
+])
+def test_a_plane_whose_first_value_is_an_outlier_keeps_exact_statistics(emu, dtype, shape, groups, memory_format,
+                                                                         path):
+    # One-pass sums about each plane's first value lost such a plane's variance to cancellation
+    # in the cpu kernels; the CUDA kernels' Welford / Chan merges must keep it.
+    x = random_input(shape, dtype, "cpu", memory_format)
+    x[:, :, 0, 0] = 1e3
+    fwd_kernels, _, _ = check_case(emu, x, groups)
+    assert fwd_kernels[0].startswith(f"void sa_kernels::detail::{path}<"), fwd_kernels
+

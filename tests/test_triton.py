@@ -221,6 +221,21 @@ def test_an_infinity_makes_its_spatial_plane_nan_as_groupnorm_does(tdevice, laun
     torch.testing.assert_close(out.to(torch.float64), expected, equal_nan=True, **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("memory_format,chunked", [(NCHW, False), (NCHW, True), (CL, False)],
+                         ids=["single-sweep", "chunked", "channels-last"])
+def test_a_plane_whose_first_value_is_an_outlier_keeps_exact_statistics(tdevice, launches, limits, memory_format,
+                                                                         chunked):
+    # One-pass sums about each plane's first value lost such a plane's variance to cancellation
+    # in the cpu kernels; the Triton kernels' per-chunk statistics and Chan merges must keep it.
+    if chunked:
+        limits(on_chip_values=64)
+    ref, fused = _modules(16, 2, tdevice, torch.float32)
+    x = random_input((2, 16, 24, 20), torch.float32, tdevice, memory_format)
+    x[:, :, 0, 0] = 1e3
+    assert_matches_reference(ref, fused, x)
+    assert launches.forward.chunked == chunked
+
+
 @pytest.mark.parametrize("view", ["sliced", "transposed", "channel_step"])
 def test_generic_strides(tdevice, launches, view):
     """Non-dense x is addressed through its strides; out and dx come from empty_like(x)."""
