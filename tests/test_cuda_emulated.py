@@ -524,13 +524,18 @@ def test_empty_launches_nothing(emu, shape):
     assert launched == []
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape, groups, memory_format, path", [
+# One case per way the forward kernels take a plane's statistics: (shape, groups, memory format,
+# the forward kernel that case launches).
+STATISTICS_PATHS = [
     ((2, 96, 5, 7), 8, torch.contiguous_format, "forward_staged_kernel"),
     ((2, 16, 64, 64), 2, torch.contiguous_format, "forward_held_kernel"),
     ((1, 8, 256, 256), 2, torch.contiguous_format, "forward_two_sweep_kernel"),
     ((2, 96, 14, 14), 8, torch.channels_last, "forward_channels_last_split_kernel"),
-])
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, groups, memory_format, path", STATISTICS_PATHS)
 def test_an_infinity_makes_its_spatial_plane_nan_as_groupnorm_does(emu, dtype, shape, groups, memory_format, path):
     # GroupNorm of a plane holding an infinity is NaN throughout; the kernels' statistics must
     # carry that NaN into the plane's gate, not gate the plane to zeros.
@@ -549,12 +554,7 @@ def test_an_infinity_makes_its_spatial_plane_nan_as_groupnorm_does(emu, dtype, s
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape, groups, memory_format, path", [
-    ((2, 96, 5, 7), 8, torch.contiguous_format, "forward_staged_kernel"),
-    ((2, 16, 64, 64), 2, torch.contiguous_format, "forward_held_kernel"),
-    ((1, 8, 256, 256), 2, torch.contiguous_format, "forward_two_sweep_kernel"),
-    ((2, 96, 14, 14), 8, torch.channels_last, "forward_channels_last_split_kernel"),
-])
+@pytest.mark.parametrize("shape, groups, memory_format, path", STATISTICS_PATHS)
 def test_a_plane_whose_first_value_is_an_outlier_keeps_exact_statistics(emu, dtype, shape, groups, memory_format,
                                                                          path):
     # One-pass sums about each plane's first value lost such a plane's variance to cancellation

@@ -199,8 +199,12 @@ def test_channels_last_chunked(tdevice, launches, limits):
     assert launches.forward.chunked and launches.forward.block_j == 8
 
 
-@pytest.mark.parametrize("memory_format,chunked", [(NCHW, False), (NCHW, True), (CL, False)],
-                         ids=["single-sweep", "chunked", "channels-last"])
+# The three ways the forward takes a plane's statistics (chunked: on_chip_values limited).
+STATISTICS_PATHS = pytest.mark.parametrize("memory_format,chunked", [(NCHW, False), (NCHW, True), (CL, False)],
+                                           ids=["single-sweep", "chunked", "channels-last"])
+
+
+@STATISTICS_PATHS
 def test_an_infinity_makes_its_spatial_plane_nan_as_groupnorm_does(tdevice, launches, limits, memory_format,
                                                                     chunked):
     if chunked:
@@ -221,8 +225,7 @@ def test_an_infinity_makes_its_spatial_plane_nan_as_groupnorm_does(tdevice, laun
     torch.testing.assert_close(out.to(torch.float64), expected, equal_nan=True, **TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("memory_format,chunked", [(NCHW, False), (NCHW, True), (CL, False)],
-                         ids=["single-sweep", "chunked", "channels-last"])
+@STATISTICS_PATHS
 def test_a_plane_whose_first_value_is_an_outlier_keeps_exact_statistics(tdevice, launches, limits, memory_format,
                                                                          chunked):
     # One-pass sums about each plane's first value lost such a plane's variance to cancellation
