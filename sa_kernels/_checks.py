@@ -28,6 +28,13 @@ def check_config(channel, G):
             f"(channel % {2 * G} = {channel % (2 * G)})")
 
 
+def check_groups(groups):
+    """groups: a positive int, not a bool (torch.ops would take True for 1); a SymInt where a
+    compiled graph takes it as a dynamic size."""
+    if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+
+
 def check_inputs(x, params, groups):
     """Call-time check of x and the six per-channel parameters (each 1-D or (1, half, 1, 1))."""
     if not isinstance(x, torch.Tensor):
@@ -38,9 +45,7 @@ def check_inputs(x, params, groups):
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"x must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
-    # A SymInt where a compiled graph takes groups as a dynamic size.
-    if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    check_groups(groups)
     if len(params) != len(PARAM_NAMES):
         raise ValueError(f"expected {len(PARAM_NAMES)} parameters {PARAM_NAMES}, got {len(params)}")
     for name, p in zip(PARAM_NAMES, params):

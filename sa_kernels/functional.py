@@ -13,7 +13,7 @@ import torch
 
 from . import _native
 from . import backends, ops  # noqa: F401  (ops registers torch.ops.sa_kernels.forward)
-from ._checks import check_inputs
+from ._checks import check_groups, check_inputs
 from .decomposition import forward_decomposed
 
 NATIVE = "native"
@@ -84,8 +84,7 @@ def shuffle_attention(x, cweight, cbias, sweight, sbias, gn_weight, gn_bias, gro
     ``backend`` is ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"``.
     """
     check_tensor(x)
-    if isinstance(groups, bool) or not isinstance(groups, int):  # torch.ops would take True for 1
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    check_groups(groups)
     params = (cweight, cbias, sweight, sbias, gn_weight, gn_bias)
     if torch.onnx.is_in_onnx_export():
         # ONNX has no sa_kernels op: export the same function in standard operators.
